@@ -1,0 +1,146 @@
+"""Credentials from OCI configuration, through the `oci` package (the only module importing it).
+
+Every auth type ends as a ``KeySource``: a key id and an RSA key, refreshed for principals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from batchlog.errors import ConfigurationError
+from batchlog.signing import KeySource, StaticKey
+
+log = logging.getLogger("batchlog")
+
+AUTH_TYPES = ("api_key", "security_token", "instance_principal", "resource_principal")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    keys: KeySource
+    region: str | None  # from the profile or the principal, for the default endpoint
+
+
+def default_config_file() -> str:
+    return os.environ.get("OCI_CONFIG_FILE") or "~/.oci/config"
+
+
+def default_profile() -> str:
+    return os.environ.get("OCI_CLI_PROFILE") or "DEFAULT"
+
+
+def load_credentials(auth: str, config_file: str | None, profile: str | None) -> Credentials:
+    """Build the key source for ``auth``; raise ConfigurationError naming what to fix."""
+    if auth not in AUTH_TYPES:
+        raise ConfigurationError(f"--auth {auth!r}: expected one of {', '.join(AUTH_TYPES)}")
+    if auth in ("api_key", "security_token"):
+        return _from_config(auth, config_file or default_config_file(), profile or default_profile())
+    return _principal(auth)
+
+
+def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
+    import oci  # noqa: PLC0415 - slow import, only when credentials are needed
+
+    path = os.path.expanduser(config_file)
+    if not os.path.isfile(path):
+        raise ConfigurationError(
+            f"OCI config file {config_file} not found: set --config-file or OCI_CONFIG_FILE, "
+            "or run 'oci setup config' (or use --emulate to try batchlog without an account)"
+        )
+    try:
+        config = oci.config.from_file(path, profile)
+    except oci.exceptions.ProfileNotFound:
+        raise ConfigurationError(
+            f"profile {profile!r} not found in {config_file}: set --profile or OCI_CLI_PROFILE"
+        ) from None
+    except oci.exceptions.ClientError as exc:
+        raise ConfigurationError(f"OCI config {config_file} [{profile}]: {exc}") from None
+    key_file = config.get("key_file")
+    if key_file:
+        _warn_if_open(os.path.expanduser(key_file))
+    try:
+        if auth == "api_key":
+            for field in ("user", "fingerprint", "tenancy"):
+                if not config.get(field):
+                    raise ConfigurationError(
+                        f"OCI config {config_file} [{profile}]: {field} is missing"
+                    )
+            signer = oci.signer.Signer.from_config(config)
+            return Credentials(StaticKey(signer.api_key, signer.private_key), config.get("region"))
+        token_file = config.get("security_token_file")
+        if not token_file:
+            raise ConfigurationError(
+                f"OCI config {config_file} [{profile}]: security_token_file is missing "
+                "(run 'oci session authenticate')"
+            )
+        with open(os.path.expanduser(token_file), encoding="utf-8") as f:
+            token = f.read().strip()
+        key = oci.signer.load_private_key_from_file(key_file, config.get("pass_phrase"))
+        return Credentials(StaticKey(f"ST${token}", key), config.get("region"))
+    except ConfigurationError:
+        raise
+    except Exception as exc:  # the oci package raises many kinds; name the cause, not secrets
+        raise ConfigurationError(
+            f"OCI config {config_file} [{profile}]: cannot load the signing key "
+            f"({type(exc).__name__})"
+        ) from None
+
+
+class _PrincipalKeys:
+    """A token-based oci signer seen as a KeySource."""
+
+    def __init__(self, signer: Any) -> None:
+        self._signer = signer  # an oci X509FederationClientBasedSecurityTokenSigner or similar
+        self._lock = threading.Lock()  # one refresh at a time
+
+    @property
+    def refreshable(self) -> bool:
+        return True
+
+    def current(self) -> tuple[str, RSAPrivateKey]:
+        reset = getattr(self._signer, "_reset_signers", None)
+        if reset is not None:
+            reset()  # re-reads the token, fetching a new one when it has expired
+        return self._signer.api_key, self._signer.private_key
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._signer.refresh_security_token()
+
+    def __repr__(self) -> str:
+        return "PrincipalKeys(...)"
+
+
+def _principal(auth: str) -> Credentials:
+    import oci  # noqa: PLC0415
+
+    try:
+        if auth == "instance_principal":
+            signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
+        else:
+            signer = oci.auth.signers.get_resource_principals_signer()
+    except Exception as exc:
+        raise ConfigurationError(
+            f"--auth {auth}: cannot obtain a principal token ({type(exc).__name__}); "
+            "is this running inside OCI with the right dynamic group and policy?"
+        ) from None
+    return Credentials(_PrincipalKeys(signer), getattr(signer, "region", None))
+
+
+def _warn_if_open(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning(
+            "key file %s is readable by others (mode %o): run 'chmod 600 %s'",
+            path, stat.S_IMODE(mode), path,
+        )

@@ -1,0 +1,129 @@
+"""Offline looks at a job: validate manifests (no network), and the status of a checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from batchlog.journal import line_hash, read_checkpoint
+from batchlog.manifest import STDIN, check_readable, display_name, read_lines
+from batchlog.plan import GroupLimits, Grouper
+from batchlog.records import Rejection
+from batchlog.target import OciTarget
+from batchlog.validate import parse_line
+
+
+@dataclass(frozen=True)
+class CheckSummary:
+    records: int
+    rejected: int
+    calls: int  # requests an upload would send (before retries)
+
+
+def check_manifests(
+    manifests: list[str],
+    on_rejection: Callable[[Rejection], None],
+    grouping: GroupLimits | None = None,
+) -> CheckSummary:
+    check_readable(manifests)
+    grouper = Grouper(OciTarget("http://127.0.0.1", "check", "check"), grouping or GroupLimits())
+    records = rejected = calls = 0
+    seq = 0
+    for index, path in enumerate(manifests):
+        name = display_name(path)
+        for line in read_lines(path, index):
+            item = parse_line(line.raw, seq, f"{name}:{line.number}")
+            seq += 1
+            records += 1
+            if isinstance(item, Rejection):
+                rejected += 1
+                on_rejection(item)
+                continue
+            calls += sum(1 for _ in grouper.add(item))
+    calls += sum(1 for _ in grouper.flush())
+    return CheckSummary(records, rejected, calls)
+
+
+@dataclass(frozen=True)
+class Status:
+    target: str
+    manifests: list[str]
+    succeeded: int
+    failed: int
+    rejected: int
+    pending: int | None  # None when the manifests cannot be read again (stdin, missing)
+    runs_total: int | None
+    runs_done: int | None  # every record of the run finished and none failed
+    runs_failed: int | None  # some record of the run failed or was rejected
+    runs_pending: int | None
+    last_write: float | None
+    changed: bool  # a finished line's content differs from what the checkpoint recorded
+
+
+def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
+    """Read the checkpoint's header and tail, then stream the manifests once (runs, pending)."""
+    header, point = read_checkpoint(path, repair=False)
+    manifests = [m["path"] for m in header.get("manifests", [])]
+    c = point.counts
+    if any(m == STDIN for m in manifests) or not all(_exists(m) for m in manifests):
+        return Status(header.get("target", ""), manifests, c.succeeded, c.failed, c.rejected,
+                      None, None, None, None, None, point.last_write, False)
+    failed_runs = _dead_letter_runs(dead_letter) if dead_letter else set()
+    runs: set[str] = set()
+    pending_runs: set[str] = set()
+    pending = 0
+    seq = 0
+    changed = False
+    for index, m in enumerate(manifests):
+        for line in read_lines(m, index):
+            run = _run_id(line.raw)
+            if run is not None:
+                runs.add(run)
+            done = seq < point.watermark
+            if not done and seq in point.done_above:
+                done = True
+                changed |= point.done_above[seq] != line_hash(line.raw)
+            if not done:
+                pending += 1
+                if run is not None:
+                    pending_runs.add(run)
+            seq += 1
+    runs_failed = len(failed_runs & runs)
+    runs_pending = len(pending_runs - failed_runs)
+    return Status(
+        header.get("target", ""), manifests, c.succeeded, c.failed, c.rejected, pending,
+        len(runs), len(runs) - runs_failed - runs_pending, runs_failed, runs_pending,
+        point.last_write, changed,
+    )
+
+
+def _exists(path: str) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def _run_id(raw: bytes) -> str | None:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    run = doc.get("run_id") if isinstance(doc, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def _dead_letter_runs(path: str) -> set[str]:
+    runs: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                run = _run_id(raw)
+                if run is not None:
+                    runs.add(run)
+    except OSError:
+        pass
+    return runs

@@ -1,0 +1,365 @@
+"""The command line: parse, wire the library together, print. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import anyio
+import orjson
+
+from batchlog.check import check_manifests, checkpoint_status
+from batchlog.errors import BatchlogError, ConfigurationError
+from batchlog.job import Job
+from batchlog.plan import GroupLimits
+from batchlog.records import Rejection
+from batchlog.report import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, Counters, Report
+from batchlog.retry import RetryPolicy
+from batchlog.settings import Settings, resolve_paths
+from batchlog.signing import KeySource, StaticKey
+from batchlog.target import OciTarget, check_endpoint, check_ids, region_endpoint
+
+EMULATED_PLATFORM = "ocid1.aidataplatform.oc1..emulator"
+EMULATED_WORKSPACE = "emulator"
+EMULATED_KEY_ID = "emulator/batchlog/throwaway"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # exit 2 with a clear message, as documented
+        self.print_usage(sys.stderr)
+        raise ConfigurationError(message)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="batchlog", description="Bulk upload of MLflow run inputs and models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every failure")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    up = sub.add_parser("upload", help="upload manifests (resumes from the checkpoint)")
+    up.add_argument("manifests", nargs="+", metavar="MANIFEST", help="JSON Lines, .gz, or -")
+    t = up.add_argument_group("target")
+    t.add_argument("--platform-id", default=os.environ.get("BATCHLOG_PLATFORM_ID"),
+                   help="AI Data Platform OCID (env BATCHLOG_PLATFORM_ID)")
+    t.add_argument("--workspace", default=os.environ.get("BATCHLOG_WORKSPACE"),
+                   help="workspace key (env BATCHLOG_WORKSPACE)")
+    t.add_argument("--endpoint", help="https://HOST[:PORT]; default from the profile's region")
+    t.add_argument("--ca-bundle", help="PEM file of CAs to trust (private CAs)")
+    t.add_argument("--user-principal", help="send as the dh-user-principal header")
+    a = up.add_argument_group("auth")
+    a.add_argument("--auth", default="api_key",
+                   choices=("api_key", "security_token", "instance_principal",
+                            "resource_principal"))
+    a.add_argument("--config-file", help="OCI config (default OCI_CONFIG_FILE or ~/.oci/config)")
+    a.add_argument("--profile", help="OCI config profile (default OCI_CLI_PROFILE or DEFAULT)")
+    r = up.add_argument_group("pace")
+    r.add_argument("--concurrency", type=_positive_int, default=32,
+                   help="requests in flight at most (32)")
+    r.add_argument("--rate", type=_positive_float,
+                   help="requests per second at most; without it the rate adapts to the server")
+    r.add_argument("--no-adaptive", action="store_true",
+                   help="do not adapt the rate: send at --rate (or unlimited)")
+    r.add_argument("--max-attempts", type=_positive_int, default=8)
+    r.add_argument("--timeout", type=_positive_float, default=60.0,
+                   help="seconds for one attempt (60)")
+    r.add_argument("--max-datasets-per-request", type=_positive_int, default=100,
+                   help="merge consecutive log-inputs of a run up to this many datasets (100)")
+    f = up.add_argument_group("files")
+    f.add_argument("--checkpoint", help="journal of finished records (default: next to the "
+                   "first manifest)")
+    f.add_argument("--dead-letter", help="records that did not succeed, as a manifest")
+    f.add_argument("--restart", action="store_true", help="ignore the checkpoint, start over")
+    f.add_argument("--report", help="write the final report as JSON to this file")
+    f.add_argument("--grace", type=_positive_float, default=10.0,
+                   help="seconds in-flight requests get on SIGINT/SIGTERM (10)")
+    up.add_argument("--emulate", action="store_true",
+                    help="start the built-in emulator on loopback and upload to it")
+    up.add_argument("--dry-run", action="store_true",
+                    help="validate and plan, send nothing")
+
+    v = sub.add_parser("validate", help="check manifests, no network")
+    v.add_argument("manifests", nargs="+", metavar="MANIFEST")
+
+    s = sub.add_parser("status", help="what a checkpoint says is done, failed, pending")
+    s.add_argument("checkpoint")
+    s.add_argument("--dead-letter", help="dead-letter file, to count failed runs")
+
+    e = sub.add_parser("emulator", help="serve the emulator on loopback")
+    e.add_argument("--port", type=int, default=8080)
+    e.add_argument("--public-key", help="PEM public key: verify signatures (default: accept)")
+    e.add_argument("--known-runs", help="file with one run id a line (others: 404)")
+    e.add_argument("--rate-limit", type=_positive_float, help="requests per second (429 above)")
+    e.add_argument("--latency-ms", type=float, default=0.0)
+    e.add_argument("--fail-before", type=float, default=0.0, help="chance of 500 before apply")
+    e.add_argument("--fail-after", type=float, default=0.0, help="chance of 500 after apply")
+    e.add_argument("--reset-after", type=float, default=0.0,
+                   help="chance of a connection reset after apply")
+    e.add_argument("--throttle-once", type=float, default=0.0,
+                   help="chance a new retry token gets one 429")
+    e.add_argument("--no-effects", action="store_true", help="count applies, keep no list")
+    e.add_argument("--seed", type=int)
+    return p
+
+
+# ---- upload ------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, keys: KeySource, endpoint: str,
+              platform: str, workspace: str) -> Settings:
+    return Settings(
+        target=OciTarget(endpoint, platform, workspace),
+        keys=keys,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        adaptive=not args.no_adaptive,
+        retry=RetryPolicy(max_attempts=args.max_attempts),
+        timeout=args.timeout,
+        ca_bundle=args.ca_bundle,
+        user_principal=args.user_principal,
+        checkpoint=args.checkpoint,
+        dead_letter=args.dead_letter,
+        restart=args.restart,
+        grouping=GroupLimits(max_datasets=args.max_datasets_per_request),
+        grace=args.grace,
+    )
+
+
+def _real_settings(args: argparse.Namespace) -> Settings:
+    platform, workspace = check_ids(args.platform_id, args.workspace)
+    if args.ca_bundle and not os.path.isfile(args.ca_bundle):
+        raise ConfigurationError(f"--ca-bundle {args.ca_bundle}: no such file")
+    from batchlog.auth import load_credentials  # noqa: PLC0415 - imports oci (slow)
+
+    creds = load_credentials(args.auth, args.config_file, args.profile)
+    if args.endpoint:
+        endpoint = check_endpoint(args.endpoint)
+    elif creds.region:
+        endpoint = region_endpoint(creds.region)
+    else:
+        raise ConfigurationError("no --endpoint and no region in the OCI profile: give one")
+    return _settings(args, creds.keys, endpoint, platform, workspace)
+
+
+async def _upload(args: argparse.Namespace, out: TextIO) -> int:
+    emulator = None
+    if args.emulate:
+        from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+        from batchlog.emulator import Emulator, EmulatorConfig  # noqa: PLC0415
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        emulator = Emulator(EmulatorConfig(public_key=key.public_key(), key_id=EMULATED_KEY_ID))
+        url = await emulator.start()
+        settings = _settings(args, StaticKey(EMULATED_KEY_ID, key), url,
+                             args.platform_id or EMULATED_PLATFORM,
+                             args.workspace or EMULATED_WORKSPACE)
+        print(f"batchlog: emulator listening on {url} (signatures verified)", file=out)
+    else:
+        settings = _real_settings(args)
+    try:
+        job = Job(args.manifests, settings, on_progress=_Progress(out))
+        print(f"batchlog: checkpoint {job.checkpoint_path}", file=out)
+        print(f"batchlog: dead letter {job.dead_letter_path}", file=out)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, job, out)
+            report = await job.run()
+            tg.cancel_scope.cancel()
+    finally:
+        if emulator is not None:
+            await emulator.stop()
+    _print_report(report, out)
+    if emulator is not None:
+        print(f"batchlog: emulator applied {emulator.state.applied} calls", file=out)
+    if args.report:
+        with open(args.report, "wb") as f:
+            f.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    return report.exit_code
+
+
+async def _watch_signals(job: Job, out: TextIO) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            print(f"\nbatchlog: {name}: finishing in-flight requests "
+                  f"(again to stop at once)", file=out)
+            job.request_stop()
+
+
+class _Progress:
+    """A live line on a terminal; a summary line every few seconds otherwise."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._tty = out.isatty()
+        self._last = 0.0
+
+    def __call__(self, c: Counters) -> None:
+        now = time.monotonic()
+        if now - self._last < (0.25 if self._tty else 5.0):
+            return
+        self._last = now
+        elapsed = max(now - c.started, 1e-9)
+        done = c.succeeded + c.failed + c.rejected
+        rate = "" if math.isinf(c.rate) else f" limit {c.rate:.0f}/s"
+        line = (
+            f"{c.finished:,} done ({c.succeeded:,} ok, {c.failed:,} failed, "
+            f"{c.rejected:,} rejected, {c.skipped:,} skipped) {done / elapsed:,.0f} rec/s "
+            f"{c.throttled:,} throttled{rate} {c.in_flight} in flight"
+        )
+        if self._tty:
+            print("\r\033[K" + line, end="", file=self._out, flush=True)
+        else:
+            print("batchlog: " + line, file=self._out, flush=True)
+
+
+def _print_report(r: Report, out: TextIO) -> None:
+    if out.isatty():
+        print(file=out)
+    print(
+        f"batchlog: {r.status}: {r.records:,} records: {r.succeeded:,} succeeded, "
+        f"{r.failed:,} failed, {r.rejected:,} rejected, {r.skipped:,} already done; "
+        f"{r.requests:,} requests, {r.retries:,} retries, {r.throttled:,} throttled, "
+        f"{r.elapsed_s:.1f} s",
+        file=out,
+    )
+    if r.message:
+        print(f"batchlog: {r.message}", file=out)
+    if r.failed or r.rejected:
+        print(f"batchlog: records that did not succeed are in {r.dead_letter}: fix them and "
+              "upload that file", file=out)
+    if r.exit_code not in (EXIT_OK, EXIT_SOME_FAILED):
+        print("batchlog: run the same command again to resume", file=out)
+
+
+# ---- other commands ------------------------------------------------------------------------
+
+
+def _validate(args: argparse.Namespace, out: TextIO) -> int:
+    def show(rejection: Rejection) -> None:
+        print(str(rejection), file=sys.stdout)
+
+    summary = check_manifests(args.manifests, show)
+    print(f"batchlog: {summary.records:,} records, {summary.rejected:,} invalid, "
+          f"{summary.calls:,} requests to send", file=out)
+    return EXIT_SOME_FAILED if summary.rejected else EXIT_OK
+
+
+def _status(args: argparse.Namespace, out: TextIO) -> int:
+    if not os.path.isfile(args.checkpoint):
+        raise ConfigurationError(f"checkpoint {args.checkpoint}: no such file")
+    st = checkpoint_status(args.checkpoint, args.dead_letter)
+    lines = [
+        f"target     {st.target}",
+        f"manifests  {', '.join(st.manifests)}",
+        f"records    {st.succeeded:,} succeeded, {st.failed:,} failed, "
+        f"{st.rejected:,} rejected, "
+        + (f"{st.pending:,} pending" if st.pending is not None else "pending unknown"),
+    ]
+    if st.runs_total is not None:
+        lines.append(f"runs       {st.runs_total:,}: {st.runs_done:,} done, "
+                     f"{st.runs_failed:,} with failures, {st.runs_pending:,} pending")
+    if st.last_write:
+        lines.append("written    " + time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                   time.gmtime(st.last_write)))
+    if st.changed:
+        lines.append("warning    a manifest changed since these records were uploaded")
+    print("\n".join(lines), file=sys.stdout)
+    return EXIT_OK
+
+
+async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
+
+    from batchlog.emulator import Emulator, EmulatorConfig  # noqa: PLC0415
+
+    key = None
+    if args.public_key:
+        with open(args.public_key, "rb") as f:
+            key = load_pem_public_key(f.read())
+    runs = None
+    if args.known_runs:
+        with open(args.known_runs, encoding="utf-8") as f:
+            runs = frozenset(line.strip() for line in f if line.strip())
+    emulator = Emulator(EmulatorConfig(
+        public_key=key,  # type: ignore[arg-type]
+        known_runs=runs, rate_limit=args.rate_limit, latency=args.latency_ms / 1000,
+        fail_before=args.fail_before, fail_after=args.fail_after, reset_after=args.reset_after,
+        throttle_once=args.throttle_once, keep_effects=not args.no_effects, seed=args.seed,
+    ))
+    url = await emulator.start(port=args.port)
+    print(f"batchlog emulator on {url} (Ctrl-C to stop); applied effects at "
+          f"{url}/_emulator/applied", file=out, flush=True)
+    try:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+    finally:
+        await emulator.stop()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigurationError as exc:
+        print(f"batchlog: error: {exc}", file=out)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="batchlog: %(message)s", stream=out,
+    )
+    try:
+        if args.command == "upload":
+            if args.dry_run:
+                return _dry_run(args, out)
+            return int(anyio.run(_upload, args, out))
+        if args.command == "validate":
+            return _validate(args, out)
+        if args.command == "status":
+            return _status(args, out)
+        return int(anyio.run(_emulator, args, out))
+    except ConfigurationError as exc:
+        print(f"batchlog: error: {exc}", file=out)
+        return EXIT_USAGE
+    except BatchlogError as exc:
+        print(f"batchlog: error: {exc}", file=out)
+        return 3
+    except KeyboardInterrupt:
+        print("\nbatchlog: interrupted", file=out)
+        return EXIT_INTERRUPTED
+
+
+def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.emulate:
+        _real_settings(args)  # fail on configuration now, as a real run would
+    rc = _validate(args, out)
+    print("batchlog: dry run: nothing was sent", file=out)
+    return rc
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "entrypoint", "main", "resolve_paths"]

@@ -1,0 +1,100 @@
+"""Turn records into calls: merge consecutive log-inputs of one run, derive retry tokens.
+
+Pure and deterministic: the calls depend only on the records and the settings, never on
+timing, so a resumed job forms the same calls and sends the same retry tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from batchlog.records import Op, Record
+from batchlog.target import OciTarget
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLimits:
+    max_datasets: int = 100  # dataset inputs in one log-inputs call
+    max_body: int = 4 << 20  # bytes of manifest lines merged into one call
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One HTTP request's worth of work, and the records it speaks for."""
+
+    op: Op
+    run_id: str
+    records: tuple[Record, ...]
+    body: bytes  # canonical JSON, identical on every attempt and every run
+    token: str  # opc-retry-token: a digest of the target, the operation and the body
+    body_sha256: str  # base64 SHA-256 of body, for the x-content-sha256 header
+
+
+def make_call(target: OciTarget, records: tuple[Record, ...]) -> Call:
+    first = records[0]
+    doc: dict[str, Any] = {"run_id": first.run_id}
+    if first.op == "log-inputs":
+        doc[target.datasets_field] = [d for r in records for d in r.dataset_inputs]
+    else:
+        doc["model_json"] = first.model_json
+    body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.sha256(body).digest()
+    token_src = hashlib.sha256(
+        f"{target.identity}\n{first.op}\n".encode() + body
+    ).hexdigest()
+    return Call(
+        op=first.op,
+        run_id=first.run_id,
+        records=records,
+        body=body,
+        token=token_src,
+        body_sha256=base64.b64encode(digest).decode(),
+    )
+
+
+class Grouper:
+    """Collects consecutive log-inputs records of one run into one call."""
+
+    __slots__ = ("_datasets", "_limits", "_pending", "_size", "_target")
+
+    def __init__(self, target: OciTarget, limits: GroupLimits) -> None:
+        self._target = target
+        self._limits = limits
+        self._pending: list[Record] = []  # the open group, all log-inputs of one run
+        self._datasets = 0  # dataset inputs in the open group
+        self._size = 0  # bytes of raw lines in the open group
+
+    def add(self, record: Record) -> Iterator[Call]:
+        """Take a record; yield the calls that are now complete."""
+        if record.op != "log-inputs":
+            yield from self.flush()
+            yield make_call(self._target, (record,))
+            return
+        n = len(record.dataset_inputs)
+        if self._pending and (
+            self._pending[0].run_id != record.run_id
+            or self._datasets + n > self._limits.max_datasets
+            or self._size + len(record.raw) > self._limits.max_body
+        ):
+            yield from self.flush()
+        self._pending.append(record)
+        self._datasets += n
+        self._size += len(record.raw)
+
+    def flush(self) -> Iterator[Call]:
+        if self._pending:
+            group = tuple(self._pending)
+            self._pending = []
+            self._datasets = self._size = 0
+            yield make_call(self._target, group)
+
+
+def split(target: OciTarget, call: Call) -> list[Call]:
+    """One call per record, for a merged call the server rejected as a whole."""
+    return [make_call(target, (r,)) for r in call.records]

@@ -1,0 +1,84 @@
+"""The numbers of a job: live counters while it runs, and the final report."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Status = Literal["completed", "stopped", "interrupted", "failed"]
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SYSTEMIC = 3
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Counters:
+    """Mutable counts, updated by the job as it goes; read by progress displays."""
+
+    records: int = 0  # records of the job, those already done before included
+    succeeded: int = 0  # in this run
+    failed: int = 0  # in this run: permanent errors, attempts exhausted
+    rejected: int = 0  # in this run: invalid manifest lines
+    skipped: int = 0  # finished by an earlier run
+    requests: int = 0  # HTTP attempts sent
+    retries: int = 0
+    throttled: int = 0  # attempts answered 429
+    in_flight: int = 0  # requests awaiting an answer now
+    rate: float = math.inf  # the rate limit in force, requests per second
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> int:
+        return self.skipped + self.succeeded + self.failed + self.rejected
+
+
+@dataclass(frozen=True)
+class Report:
+    records: int
+    succeeded: int
+    failed: int
+    rejected: int
+    skipped: int
+    requests: int
+    retries: int
+    throttled: int
+    elapsed_s: float
+    rate: float | None  # the final rate limit (None when unlimited)
+    status: Status
+    message: str  # why it stopped, or ""
+    checkpoint: str
+    dead_letter: str
+    in_doubt_expired: tuple[int, ...] = ()  # seqs in doubt for more than 24 h at resume
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == "stopped":
+            return EXIT_SYSTEMIC
+        if self.status == "interrupted":
+            return EXIT_INTERRUPTED
+        if self.status == "failed":
+            return EXIT_SYSTEMIC
+        return EXIT_SOME_FAILED if (self.failed or self.rejected) else EXIT_OK
+
+    def as_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["in_doubt_expired"] = list(self.in_doubt_expired)
+        doc["exit_code"] = self.exit_code
+        return doc
+
+    @staticmethod
+    def build(
+        c: Counters, status: Status, message: str, checkpoint: str, dead_letter: str
+    ) -> Report:
+        return Report(
+            records=c.records, succeeded=c.succeeded, failed=c.failed, rejected=c.rejected,
+            skipped=c.skipped, requests=c.requests, retries=c.retries, throttled=c.throttled,
+            elapsed_s=round(time.monotonic() - c.started, 3),
+            rate=None if math.isinf(c.rate) else round(c.rate, 1),
+            status=status, message=message, checkpoint=checkpoint, dead_letter=dead_letter,
+        )

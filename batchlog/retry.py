@@ -1,0 +1,77 @@
+"""What to do with a server's answer: a frozen policy that classifies and computes delays.
+
+It never sleeps: the pool does, on the event loop.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+Verdict = Literal["ok", "retry", "permanent", "unauthorized"]
+
+# 409 codes that describe a passing state, worth retrying (as the OCI SDK does)
+TRANSIENT_CONFLICTS = frozenset({"IncorrectState", "LockConflict", "ConcurrentModification"})
+NO_ANSWER = 0  # status of an attempt that got no HTTP answer (timeout, connection error)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one attempt got back."""
+
+    status: int  # HTTP status, or NO_ANSWER
+    code: str = ""  # the error body's code, or the exception's kind
+    message: str = ""
+    request_id: str = ""  # opc-request-id echoed by the server (or the one we sent)
+    etag: str = ""
+    retry_after: float | None = None  # seconds, from a Retry-After header
+
+    @property
+    def in_doubt(self) -> bool:
+        """The request may have been applied although no success was seen."""
+        return self.status == NO_ANSWER or self.status >= 500
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    base_delay: float = 0.25  # seconds; the first retry waits up to this
+    max_delay: float = 60.0  # cap of the exponential back-off
+    max_retry_after: float = 300.0  # a Retry-After larger than this is clipped
+
+    def verdict(self, answer: Answer) -> Verdict:
+        status = answer.status
+        if 200 <= status < 300:
+            return "ok"
+        if status == NO_ANSWER or status == 429 or (status >= 500 and status != 501):
+            return "retry"
+        if status == 409 and answer.code in TRANSIENT_CONFLICTS:
+            return "retry"
+        if status == 401:
+            return "unauthorized"
+        return "permanent"
+
+    def delay(self, attempt: int, answer: Answer, rng: random.Random) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        if answer.retry_after is not None:
+            return min(max(answer.retry_after, 0.0), self.max_retry_after)
+        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return rng.uniform(0.0, ceiling)  # full jitter
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime  # noqa: PLC0415
+    from datetime import datetime, timezone  # noqa: PLC0415
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

@@ -1,0 +1,59 @@
+"""Everything a job needs to know, as one frozen value."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from batchlog.errors import ConfigurationError
+from batchlog.manifest import STDIN
+from batchlog.plan import GroupLimits
+from batchlog.retry import RetryPolicy
+from batchlog.signing import KeySource
+from batchlog.target import OciTarget
+
+
+@dataclass(frozen=True)
+class Settings:
+    target: OciTarget
+    keys: KeySource
+    concurrency: int = 32  # requests in flight at most
+    rate: float | None = None  # requests per second at most (a ceiling when adaptive)
+    adaptive: bool = True  # find the server's limit by itself
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: float = 60.0  # seconds for one attempt
+    ca_bundle: str | None = None
+    user_principal: str | None = None
+    checkpoint: str | None = None  # default: next to the first manifest
+    dead_letter: str | None = None  # default: next to the first manifest
+    restart: bool = False  # ignore (and overwrite) an existing checkpoint
+    grouping: GroupLimits = field(default_factory=GroupLimits)
+    flush_interval: float = 0.2  # seconds between journal commits
+    grace: float = 10.0  # seconds in-flight requests get to finish on a stop request
+    systemic_after: int = 8  # stop when this many answers are all 401/404 before any success
+
+
+def _stem(manifest: str) -> str:
+    if manifest == STDIN:
+        return "stdin"
+    stem = manifest
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem
+
+
+def default_checkpoint(manifests: list[str]) -> str:
+    return _stem(manifests[0]) + ".batchlog-checkpoint"
+
+
+def default_dead_letter(manifests: list[str]) -> str:
+    return _stem(manifests[0]) + ".dead-letter.jsonl"
+
+
+def resolve_paths(settings: Settings, manifests: list[str]) -> tuple[str, str]:
+    checkpoint = settings.checkpoint or default_checkpoint(manifests)
+    dead_letter = settings.dead_letter or default_dead_letter(manifests)
+    if os.path.abspath(checkpoint) in {os.path.abspath(m) for m in manifests if m != STDIN}:
+        raise ConfigurationError(f"--checkpoint {checkpoint} is one of the manifests")
+    return checkpoint, dead_letter
