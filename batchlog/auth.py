@@ -41,12 +41,14 @@ def load_credentials(auth: str, config_file: str | None, profile: str | None) ->
     if auth not in AUTH_TYPES:
         raise ConfigurationError(f"--auth {auth!r}: expected one of {', '.join(AUTH_TYPES)}")
     if auth in ("api_key", "security_token"):
-        return _from_config(auth, config_file or default_config_file(), profile or default_profile())
+        return _from_config(
+            auth, config_file or default_config_file(), profile or default_profile()
+        )
     return _principal(auth)
 
 
 def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
-    import oci  # noqa: PLC0415 - slow import, only when credentials are needed
+    import oci
 
     path = os.path.expanduser(config_file)
     if not os.path.isfile(path):
@@ -119,7 +121,7 @@ class _PrincipalKeys:
 
 
 def _principal(auth: str) -> Credentials:
-    import oci  # noqa: PLC0415
+    import oci
 
     try:
         if auth == "instance_principal":
@@ -142,5 +144,7 @@ def _warn_if_open(path: str) -> None:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning(
             "key file %s is readable by others (mode %o): run 'chmod 600 %s'",
-            path, stat.S_IMODE(mode), path,
+            path,
+            stat.S_IMODE(mode),
+            path,
         )

@@ -9,7 +9,7 @@ import orjson
 
 from batchlog.journal import line_hash, read_checkpoint
 from batchlog.manifest import STDIN, check_readable, display_name, read_lines
-from batchlog.plan import GroupLimits, Grouper
+from batchlog.plan import Grouper, GroupLimits
 from batchlog.records import Rejection
 from batchlog.target import OciTarget
 from batchlog.validate import parse_line
@@ -68,8 +68,20 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     manifests = [m["path"] for m in header.get("manifests", [])]
     c = point.counts
     if any(m == STDIN for m in manifests) or not all(_exists(m) for m in manifests):
-        return Status(header.get("target", ""), manifests, c.succeeded, c.failed, c.rejected,
-                      None, None, None, None, None, point.last_write, False)
+        return Status(
+            header.get("target", ""),
+            manifests,
+            c.succeeded,
+            c.failed,
+            c.rejected,
+            None,
+            None,
+            None,
+            None,
+            None,
+            point.last_write,
+            False,
+        )
     failed_runs = _dead_letter_runs(dead_letter) if dead_letter else set()
     runs: set[str] = set()
     pending_runs: set[str] = set()
@@ -93,9 +105,18 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     runs_failed = len(failed_runs & runs)
     runs_pending = len(pending_runs - failed_runs)
     return Status(
-        header.get("target", ""), manifests, c.succeeded, c.failed, c.rejected, pending,
-        len(runs), len(runs) - runs_failed - runs_pending, runs_failed, runs_pending,
-        point.last_write, changed,
+        header.get("target", ""),
+        manifests,
+        c.succeeded,
+        c.failed,
+        c.rejected,
+        pending,
+        len(runs),
+        len(runs) - runs_failed - runs_pending,
+        runs_failed,
+        runs_pending,
+        point.last_write,
+        changed,
     )
 
 

@@ -20,7 +20,14 @@ from batchlog.errors import BatchlogError, ConfigurationError
 from batchlog.job import Job
 from batchlog.plan import GroupLimits
 from batchlog.records import Rejection
-from batchlog.report import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, Counters, Report
+from batchlog.report import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    Counters,
+    Report,
+)
 from batchlog.retry import RetryPolicy
 from batchlog.settings import Settings, resolve_paths
 from batchlog.signing import KeySource, StaticKey
@@ -52,59 +59,97 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="batchlog", description="Bulk upload of MLflow run inputs and models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every failure")
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="log every failure (by default the first 100)"
+    )
+    p = _Parser(
+        prog="batchlog",
+        description="Bulk upload of MLflow run inputs and models.",
+        parents=[common],
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    up = sub.add_parser("upload", help="upload manifests (resumes from the checkpoint)")
+    up = sub.add_parser(
+        "upload", parents=[common], help="upload manifests (resumes from the checkpoint)"
+    )
     up.add_argument("manifests", nargs="+", metavar="MANIFEST", help="JSON Lines, .gz, or -")
     t = up.add_argument_group("target")
-    t.add_argument("--platform-id", default=os.environ.get("BATCHLOG_PLATFORM_ID"),
-                   help="AI Data Platform OCID (env BATCHLOG_PLATFORM_ID)")
-    t.add_argument("--workspace", default=os.environ.get("BATCHLOG_WORKSPACE"),
-                   help="workspace key (env BATCHLOG_WORKSPACE)")
+    t.add_argument(
+        "--platform-id",
+        default=os.environ.get("BATCHLOG_PLATFORM_ID"),
+        help="AI Data Platform OCID (env BATCHLOG_PLATFORM_ID)",
+    )
+    t.add_argument(
+        "--workspace",
+        default=os.environ.get("BATCHLOG_WORKSPACE"),
+        help="workspace key (env BATCHLOG_WORKSPACE)",
+    )
     t.add_argument("--endpoint", help="https://HOST[:PORT]; default from the profile's region")
     t.add_argument("--ca-bundle", help="PEM file of CAs to trust (private CAs)")
     t.add_argument("--user-principal", help="send as the dh-user-principal header")
     a = up.add_argument_group("auth")
-    a.add_argument("--auth", default="api_key",
-                   choices=("api_key", "security_token", "instance_principal",
-                            "resource_principal"))
+    a.add_argument(
+        "--auth",
+        default="api_key",
+        choices=("api_key", "security_token", "instance_principal", "resource_principal"),
+    )
     a.add_argument("--config-file", help="OCI config (default OCI_CONFIG_FILE or ~/.oci/config)")
     a.add_argument("--profile", help="OCI config profile (default OCI_CLI_PROFILE or DEFAULT)")
     r = up.add_argument_group("pace")
-    r.add_argument("--concurrency", type=_positive_int, default=32,
-                   help="requests in flight at most (32)")
-    r.add_argument("--rate", type=_positive_float,
-                   help="requests per second at most; without it the rate adapts to the server")
-    r.add_argument("--no-adaptive", action="store_true",
-                   help="do not adapt the rate: send at --rate (or unlimited)")
+    r.add_argument(
+        "--concurrency", type=_positive_int, default=32, help="requests in flight at most (32)"
+    )
+    r.add_argument(
+        "--rate",
+        type=_positive_float,
+        help="requests per second at most; without it the rate adapts to the server",
+    )
+    r.add_argument(
+        "--no-adaptive",
+        action="store_true",
+        help="do not adapt the rate: send at --rate (or unlimited)",
+    )
     r.add_argument("--max-attempts", type=_positive_int, default=8)
-    r.add_argument("--timeout", type=_positive_float, default=60.0,
-                   help="seconds for one attempt (60)")
-    r.add_argument("--max-datasets-per-request", type=_positive_int, default=100,
-                   help="merge consecutive log-inputs of a run up to this many datasets (100)")
+    r.add_argument(
+        "--timeout", type=_positive_float, default=60.0, help="seconds for one attempt (60)"
+    )
+    r.add_argument(
+        "--max-datasets-per-request",
+        type=_positive_int,
+        default=100,
+        help="merge consecutive log-inputs of a run up to this many datasets (100)",
+    )
     f = up.add_argument_group("files")
-    f.add_argument("--checkpoint", help="journal of finished records (default: next to the "
-                   "first manifest)")
+    f.add_argument(
+        "--checkpoint", help="journal of finished records (default: next to the first manifest)"
+    )
     f.add_argument("--dead-letter", help="records that did not succeed, as a manifest")
     f.add_argument("--restart", action="store_true", help="ignore the checkpoint, start over")
     f.add_argument("--report", help="write the final report as JSON to this file")
-    f.add_argument("--grace", type=_positive_float, default=10.0,
-                   help="seconds in-flight requests get on SIGINT/SIGTERM (10)")
-    up.add_argument("--emulate", action="store_true",
-                    help="start the built-in emulator on loopback and upload to it")
-    up.add_argument("--dry-run", action="store_true",
-                    help="validate and plan, send nothing")
+    f.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=10.0,
+        help="seconds in-flight requests get on SIGINT/SIGTERM (10)",
+    )
+    up.add_argument(
+        "--emulate",
+        action="store_true",
+        help="start the built-in emulator on loopback and upload to it",
+    )
+    up.add_argument("--dry-run", action="store_true", help="validate and plan, send nothing")
 
-    v = sub.add_parser("validate", help="check manifests, no network")
+    v = sub.add_parser("validate", parents=[common], help="check manifests, no network")
     v.add_argument("manifests", nargs="+", metavar="MANIFEST")
 
-    s = sub.add_parser("status", help="what a checkpoint says is done, failed, pending")
+    s = sub.add_parser(
+        "status", parents=[common], help="what a checkpoint says is done, failed, pending"
+    )
     s.add_argument("checkpoint")
     s.add_argument("--dead-letter", help="dead-letter file, to count failed runs")
 
-    e = sub.add_parser("emulator", help="serve the emulator on loopback")
+    e = sub.add_parser("emulator", parents=[common], help="serve the emulator on loopback")
     e.add_argument("--port", type=int, default=8080)
     e.add_argument("--public-key", help="PEM public key: verify signatures (default: accept)")
     e.add_argument("--known-runs", help="file with one run id a line (others: 404)")
@@ -112,10 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--latency-ms", type=float, default=0.0)
     e.add_argument("--fail-before", type=float, default=0.0, help="chance of 500 before apply")
     e.add_argument("--fail-after", type=float, default=0.0, help="chance of 500 after apply")
-    e.add_argument("--reset-after", type=float, default=0.0,
-                   help="chance of a connection reset after apply")
-    e.add_argument("--throttle-once", type=float, default=0.0,
-                   help="chance a new retry token gets one 429")
+    e.add_argument(
+        "--reset-after", type=float, default=0.0, help="chance of a connection reset after apply"
+    )
+    e.add_argument(
+        "--throttle-once", type=float, default=0.0, help="chance a new retry token gets one 429"
+    )
     e.add_argument("--no-effects", action="store_true", help="count applies, keep no list")
     e.add_argument("--seed", type=int)
     return p
@@ -124,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- upload ------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, keys: KeySource, endpoint: str,
-              platform: str, workspace: str) -> Settings:
+def _settings(
+    args: argparse.Namespace, keys: KeySource, endpoint: str, platform: str, workspace: str
+) -> Settings:
     return Settings(
         target=OciTarget(endpoint, platform, workspace),
         keys=keys,
@@ -148,7 +196,7 @@ def _real_settings(args: argparse.Namespace) -> Settings:
     platform, workspace = check_ids(args.platform_id, args.workspace)
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
         raise ConfigurationError(f"--ca-bundle {args.ca_bundle}: no such file")
-    from batchlog.auth import load_credentials  # noqa: PLC0415 - imports oci (slow)
+    from batchlog.auth import load_credentials
 
     creds = load_credentials(args.auth, args.config_file, args.profile)
     if args.endpoint:
@@ -163,21 +211,26 @@ def _real_settings(args: argparse.Namespace) -> Settings:
 async def _upload(args: argparse.Namespace, out: TextIO) -> int:
     emulator = None
     if args.emulate:
-        from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import rsa
 
-        from batchlog.emulator import Emulator, EmulatorConfig  # noqa: PLC0415
+        from batchlog.emulator import Emulator, EmulatorConfig
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         emulator = Emulator(EmulatorConfig(public_key=key.public_key(), key_id=EMULATED_KEY_ID))
         url = await emulator.start()
-        settings = _settings(args, StaticKey(EMULATED_KEY_ID, key), url,
-                             args.platform_id or EMULATED_PLATFORM,
-                             args.workspace or EMULATED_WORKSPACE)
+        settings = _settings(
+            args,
+            StaticKey(EMULATED_KEY_ID, key),
+            url,
+            args.platform_id or EMULATED_PLATFORM,
+            args.workspace or EMULATED_WORKSPACE,
+        )
         print(f"batchlog: emulator listening on {url} (signatures verified)", file=out)
     else:
         settings = _real_settings(args)
     try:
         job = Job(args.manifests, settings, on_progress=_Progress(out))
+        job.open()
         print(f"batchlog: checkpoint {job.checkpoint_path}", file=out)
         print(f"batchlog: dead letter {job.dead_letter_path}", file=out)
         async with anyio.create_task_group() as tg:
@@ -200,8 +253,10 @@ async def _watch_signals(job: Job, out: TextIO) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            print(f"\nbatchlog: {name}: finishing in-flight requests "
-                  f"(again to stop at once)", file=out)
+            print(
+                f"\nbatchlog: {name}: finishing in-flight requests (again to stop at once)",
+                file=out,
+            )
             job.request_stop()
 
 
@@ -245,8 +300,11 @@ def _print_report(r: Report, out: TextIO) -> None:
     if r.message:
         print(f"batchlog: {r.message}", file=out)
     if r.failed or r.rejected:
-        print(f"batchlog: records that did not succeed are in {r.dead_letter}: fix them and "
-              "upload that file", file=out)
+        print(
+            f"batchlog: records that did not succeed are in {r.dead_letter}: fix them and "
+            "upload that file",
+            file=out,
+        )
     if r.exit_code not in (EXIT_OK, EXIT_SOME_FAILED):
         print("batchlog: run the same command again to resume", file=out)
 
@@ -259,8 +317,11 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
         print(str(rejection), file=sys.stdout)
 
     summary = check_manifests(args.manifests, show)
-    print(f"batchlog: {summary.records:,} records, {summary.rejected:,} invalid, "
-          f"{summary.calls:,} requests to send", file=out)
+    print(
+        f"batchlog: {summary.records:,} records, {summary.rejected:,} invalid, "
+        f"{summary.calls:,} requests to send",
+        file=out,
+    )
     return EXIT_SOME_FAILED if summary.rejected else EXIT_OK
 
 
@@ -276,11 +337,14 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         + (f"{st.pending:,} pending" if st.pending is not None else "pending unknown"),
     ]
     if st.runs_total is not None:
-        lines.append(f"runs       {st.runs_total:,}: {st.runs_done:,} done, "
-                     f"{st.runs_failed:,} with failures, {st.runs_pending:,} pending")
+        lines.append(
+            f"runs       {st.runs_total:,}: {st.runs_done:,} done, "
+            f"{st.runs_failed:,} with failures, {st.runs_pending:,} pending"
+        )
     if st.last_write:
-        lines.append("written    " + time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                   time.gmtime(st.last_write)))
+        lines.append(
+            "written    " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(st.last_write))
+        )
     if st.changed:
         lines.append("warning    a manifest changed since these records were uploaded")
     print("\n".join(lines), file=sys.stdout)
@@ -288,9 +352,9 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    from batchlog.emulator import Emulator, EmulatorConfig  # noqa: PLC0415
+    from batchlog.emulator import Emulator, EmulatorConfig
 
     key = None
     if args.public_key:
@@ -300,15 +364,26 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     if args.known_runs:
         with open(args.known_runs, encoding="utf-8") as f:
             runs = frozenset(line.strip() for line in f if line.strip())
-    emulator = Emulator(EmulatorConfig(
-        public_key=key,  # type: ignore[arg-type]
-        known_runs=runs, rate_limit=args.rate_limit, latency=args.latency_ms / 1000,
-        fail_before=args.fail_before, fail_after=args.fail_after, reset_after=args.reset_after,
-        throttle_once=args.throttle_once, keep_effects=not args.no_effects, seed=args.seed,
-    ))
+    emulator = Emulator(
+        EmulatorConfig(
+            public_key=key,  # type: ignore[arg-type]
+            known_runs=runs,
+            rate_limit=args.rate_limit,
+            latency=args.latency_ms / 1000,
+            fail_before=args.fail_before,
+            fail_after=args.fail_after,
+            reset_after=args.reset_after,
+            throttle_once=args.throttle_once,
+            keep_effects=not args.no_effects,
+            seed=args.seed,
+        )
+    )
     url = await emulator.start(port=args.port)
-    print(f"batchlog emulator on {url} (Ctrl-C to stop); applied effects at "
-          f"{url}/_emulator/applied", file=out, flush=True)
+    print(
+        f"batchlog emulator on {url} (Ctrl-C to stop); applied effects at {url}/_emulator/applied",
+        file=out,
+        flush=True,
+    )
     try:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
@@ -326,8 +401,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"batchlog: error: {exc}", file=out)
         return EXIT_USAGE
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.ERROR,
-        format="batchlog: %(message)s", stream=out,
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="batchlog: %(message)s",
+        stream=out,
     )
     try:
         if args.command == "upload":

@@ -22,7 +22,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from batchlog.deadletter import DeadLetter
 from batchlog.errors import BatchlogError, CheckpointError
-from batchlog.journal import REJECTED, Journal, Mark, ResumePoint, header_doc, line_hash, open_journal
+from batchlog.journal import (
+    REJECTED,
+    Journal,
+    Mark,
+    ResumePoint,
+    header_doc,
+    line_hash,
+    open_journal,
+)
 from batchlog.manifest import STDIN, Line, check_readable, display_name, read_lines, read_span
 from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
@@ -38,6 +46,7 @@ log = logging.getLogger("batchlog")
 HEAD_BYTES = 4096  # bytes of each manifest's beginning kept in the checkpoint header
 READ_BATCH = 512  # manifest lines read per hop to the reader thread
 IN_DOUBT_TTL = 24 * 3600.0  # retry tokens expire after this
+LOUD_FAILURES = 100  # failures logged as warnings; the rest at info level (-v)
 
 
 @dataclass
@@ -69,12 +78,14 @@ class Job:
         self._stop_message = ""
         self._any_success = False
         self._held: list[_Held] = []
+        self._failures_logged = 0
         self._journal: Journal | None = None
         self._dead: DeadLetter | None = None
         self._tg: anyio.abc.TaskGroup | None = None  # producer and workers
         self._outer: anyio.abc.TaskGroup | None = None  # flush, progress, timers
         self._producer_scope: anyio.CancelScope | None = None
         self._flush_lock = anyio.Lock()
+        self._point: ResumePoint | None = None  # where the checkpoint says the job stands
 
     # ---- control -------------------------------------------------------------------------
 
@@ -91,7 +102,9 @@ class Job:
         if self._producer_scope is not None:
             self._producer_scope.cancel()
         if self._outer is not None:
-            self._outer.start_soon(self._cancel_after, self.settings.grace if grace is None else grace)
+            self._outer.start_soon(
+                self._cancel_after, self.settings.grace if grace is None else grace
+            )
 
     async def _cancel_after(self, seconds: float) -> None:
         await anyio.sleep(seconds)
@@ -108,8 +121,15 @@ class Job:
 
     # ---- run -----------------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Open the checkpoint and dead letter; raises CheckpointError before any request."""
+        if self._point is None:
+            self._point = self._open_files()
+
     async def run(self) -> Report:
-        point = self._open_files()
+        self.open()
+        point = self._point
+        assert point is not None
         assert self._journal is not None and self._dead is not None
         self.counters.skipped = point.finished
         self.counters.records = point.finished
@@ -117,8 +137,12 @@ class Job:
         s = self.settings
         try:
             async with Transport(
-                s.target, s.keys, concurrency=s.concurrency, timeout=s.timeout,
-                ca_bundle=s.ca_bundle, user_principal=s.user_principal,
+                s.target,
+                s.keys,
+                concurrency=s.concurrency,
+                timeout=s.timeout,
+                ca_bundle=s.ca_bundle,
+                user_principal=s.user_principal,
             ) as transport:
                 send, receive = anyio.create_memory_object_stream[Call](s.concurrency * 2)
                 async with anyio.create_task_group() as outer:
@@ -143,8 +167,11 @@ class Job:
             self._stop_status = "stopped"
             self._stop_message = self._systemic_message()
         return Report.build(
-            self.counters, self._stop_status or "completed", self._stop_message,
-            self.checkpoint_path, self.dead_letter_path,
+            self.counters,
+            self._stop_status or "completed",
+            self._stop_message,
+            self.checkpoint_path,
+            self.dead_letter_path,
         )
 
     def _open_files(self) -> ResumePoint:
@@ -167,8 +194,8 @@ class Job:
     # ---- producer ------------------------------------------------------------------------
 
     async def _produce(self, send: MemoryObjectSendStream[Call], point: ResumePoint) -> None:
-        assert self._journal is not None and self._dead is not None
-        journal, dead, c = self._journal, self._dead, self.counters
+        assert self._journal is not None
+        journal, c = self._journal, self.counters
         grouper = Grouper(self.settings.target, self.settings.grouping)
         seq = point.watermark
         try:
@@ -180,7 +207,9 @@ class Job:
                     for index, path in enumerate(self.manifests):
                         if index < point.at[0]:
                             continue
-                        offset, first = (point.at[1], point.at[2]) if index == point.at[0] else (0, 1)
+                        offset, first = (
+                            (point.at[1], point.at[2]) if index == point.at[0] else (0, 1)
+                        )
                         name = display_name(path)
                         async for line in _lines(path, index, offset, first):
                             h = line_hash(line.raw)
@@ -215,11 +244,16 @@ class Job:
         self.counters.rejected += 1
         self._dead.add(
             item.raw,
-            {"status": "rejected", "code": "InvalidRecord", "field": item.field,
-             "message": item.reason, "source": item.source},
+            {
+                "status": "rejected",
+                "code": "InvalidRecord",
+                "field": item.field,
+                "message": item.reason,
+                "source": item.source,
+            },
         )
         self._journal.finish(item.seq, REJECTED)
-        log.warning("%s", item)
+        self._log_failure("%s", item)
 
     # ---- workers -------------------------------------------------------------------------
 
@@ -291,10 +325,14 @@ class Job:
             return
         if answer.status == NO_ANSWER or answer.status == 429 or answer.status >= 500:
             answer = Answer(
-                answer.status, answer.code or "NoAnswer",
+                answer.status,
+                answer.code or "NoAnswer",
                 f"gave up after {attempts} attempts: {answer.message}"
-                + (" (may have been applied: re-sending within 24 h is safe, same retry token)"
-                   if answer.in_doubt else ""),
+                + (
+                    " (may have been applied: re-sending within 24 h is safe, same retry token)"
+                    if answer.in_doubt
+                    else ""
+                ),
                 answer.request_id,
             )
         self._record_failure(call, answer)
@@ -304,15 +342,33 @@ class Job:
         for record in call.records:
             self._dead.add(
                 record.raw,
-                {"status": answer.status, "code": answer.code, "message": answer.message,
-                 "source": record.source, "opc_request_id": answer.request_id},
+                {
+                    "status": answer.status,
+                    "code": answer.code,
+                    "message": answer.message,
+                    "source": record.source,
+                    "opc_request_id": answer.request_id,
+                },
             )
             self._journal.finish(record.seq, answer.status, answer.request_id)
         self.counters.failed += len(call.records)
-        log.warning(
-            "%s: %s %s: %s", call.records[0].source, answer.status or "no answer",
-            answer.code, answer.message,
-        )
+        for record in call.records:
+            self._log_failure(
+                "%s: %s %s: %s",
+                record.source,
+                answer.status or "no answer",
+                answer.code,
+                answer.message,
+            )
+
+    def _log_failure(self, fmt: str, *args: object) -> None:
+        self._failures_logged += 1
+        if self._failures_logged <= LOUD_FAILURES:
+            log.warning(fmt, *args)
+            if self._failures_logged == LOUD_FAILURES:
+                log.warning("more failures are in the dead letter only (-v shows them all)")
+        else:
+            log.info(fmt, *args)
 
     def _systemic_message(self) -> str:
         statuses = {h.answer.status for h in self._held}
@@ -347,8 +403,9 @@ class Job:
             dead_data = self._dead.pending_bytes()
             journal_data = self._journal.pending_bytes()
             try:
-                await anyio.to_thread.run_sync(_write_both, self._dead, dead_data,
-                                               self._journal, journal_data)
+                await anyio.to_thread.run_sync(
+                    _write_both, self._dead, dead_data, self._journal, journal_data
+                )
             except BatchlogError as exc:
                 self._fail_job("failed", str(exc))
 
@@ -407,11 +464,14 @@ def _verify_manifests(checkpoint: str, manifests: list[str], point: ResumePoint)
     """Refuse to resume when the part of a manifest already processed has changed."""
     hint = "use --restart to start over"
     for before in point.manifests:
-        path = before.get("path")
+        path = str(before.get("path"))
         if path == STDIN or not before.get("head"):
             continue
         data = read_span(path, 0, int(before["head_len"])) or b""
-        if len(data) < int(before["head_len"]) or hashlib.sha256(data).hexdigest() != before["head"]:
+        if (
+            len(data) < int(before["head_len"])
+            or hashlib.sha256(data).hexdigest() != before["head"]
+        ):
             raise CheckpointError(
                 f"manifest {path} changed since checkpoint {checkpoint} was written "
                 f"(its beginning differs); {hint}"
@@ -419,11 +479,11 @@ def _verify_manifests(checkpoint: str, manifests: list[str], point: ResumePoint)
     if point.check is not None:
         path = manifests[point.at[0]]
         start, end, h = point.check
-        data = read_span(path, start, end)
-        if data is not None and line_hash(data.rstrip(b"\r\n")) != h:
+        span = read_span(path, start, end)
+        if span is not None and line_hash(span.rstrip(b"\r\n")) != h:
             raise CheckpointError(
                 f"manifest {path} changed since checkpoint {checkpoint} was written "
-                f"(line {point.at[2] - 1} differs from what was uploaded); {hint}"
+                f"(line {point.at[2] - 1} is not what was uploaded); {hint}"
             )
 
 

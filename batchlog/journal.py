@@ -164,7 +164,9 @@ class Journal:
             pass
 
 
-def header_doc(target: str, manifests: list[dict[str, Any]], grouping: dict[str, int]) -> dict[str, Any]:
+def header_doc(
+    target: str, manifests: list[dict[str, Any]], grouping: dict[str, int]
+) -> dict[str, Any]:
     return {
         "batchlog_checkpoint": FORMAT,
         "target": target,
@@ -273,7 +275,8 @@ def read_checkpoint(path: str, repair: bool = False) -> tuple[dict[str, Any], Re
     if bad:
         log.warning(
             "checkpoint %s: cut off a torn or corrupt tail of %d bytes (a crash while writing)",
-            path, size - good_end,
+            path,
+            size - good_end,
         )
         if repair:
             with open(path, "r+b") as f:

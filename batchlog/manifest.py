@@ -59,9 +59,7 @@ def open_stream(path: str) -> BinaryIO:
     return open(path, "rb", buffering=_CHUNK)
 
 
-def read_lines(
-    path: str, manifest: int, offset: int = 0, first_line: int = 1
-) -> Iterator[Line]:
+def read_lines(path: str, manifest: int, offset: int = 0, first_line: int = 1) -> Iterator[Line]:
     """Yield the non-blank lines of one manifest from ``offset`` on.
 
     ``offset`` must be the start of a line (a position that an earlier run recorded).

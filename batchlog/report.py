@@ -76,9 +76,18 @@ class Report:
         c: Counters, status: Status, message: str, checkpoint: str, dead_letter: str
     ) -> Report:
         return Report(
-            records=c.records, succeeded=c.succeeded, failed=c.failed, rejected=c.rejected,
-            skipped=c.skipped, requests=c.requests, retries=c.retries, throttled=c.throttled,
+            records=c.records,
+            succeeded=c.succeeded,
+            failed=c.failed,
+            rejected=c.rejected,
+            skipped=c.skipped,
+            requests=c.requests,
+            retries=c.retries,
+            throttled=c.throttled,
             elapsed_s=round(time.monotonic() - c.started, 3),
             rate=None if math.isinf(c.rate) else round(c.rate, 1),
-            status=status, message=message, checkpoint=checkpoint, dead_letter=dead_letter,
+            status=status,
+            message=message,
+            checkpoint=checkpoint,
+            dead_letter=dead_letter,
         )

@@ -67,8 +67,8 @@ def parse_retry_after(value: str | None) -> float | None:
         return float(value)
     except ValueError:
         pass
-    from email.utils import parsedate_to_datetime  # noqa: PLC0415
-    from datetime import datetime, timezone  # noqa: PLC0415
+    from datetime import datetime, timezone
+    from email.utils import parsedate_to_datetime
 
     try:
         when = parsedate_to_datetime(value)

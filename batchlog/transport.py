@@ -59,8 +59,10 @@ class Transport:
         }
         if user_principal:
             self._fixed_headers["dh-user-principal"] = user_principal
-        self._urls = {op: URL(target.endpoint + target.path(op), encoded=True) for op in
-                      ("log-inputs", "log-model")}
+        self._urls = {
+            op: URL(target.endpoint + target.path(op), encoded=True)
+            for op in ("log-inputs", "log-model")
+        }
         self._paths = {op: target.path(op) for op in ("log-inputs", "log-model")}
         self._session: aiohttp.ClientSession | None = None
         self._signers: ThreadPoolExecutor | None = None
@@ -73,7 +75,9 @@ class Transport:
             limit=self._concurrency, ssl=ssl_ctx, keepalive_timeout=60, enable_cleanup_closed=True
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, skip_auto_headers=("User-Agent",),
+            connector=connector,
+            timeout=self._timeout,
+            skip_auto_headers=("User-Agent",),
             headers={"user-agent": "batchlog/0.1"},
         )
         self._signers = ThreadPoolExecutor(signing_threads(), thread_name_prefix="batchlog-sign")
@@ -100,8 +104,13 @@ class Transport:
         headers["opc-retry-token"] = call.token
         try:
             signed = await asyncio.get_running_loop().run_in_executor(
-                self._signers, sign_post, self._keys, self._paths[call.op], self._host,
-                len(call.body), call.body_sha256,
+                self._signers,
+                sign_post,
+                self._keys,
+                self._paths[call.op],
+                self._host,
+                len(call.body),
+                call.body_sha256,
             )
         except Exception as exc:  # a principal token that cannot be fetched, a broken key
             return Answer(NO_ANSWER, "SigningFailed", type(exc).__name__, request_id)
@@ -117,7 +126,10 @@ class Transport:
                     return Answer(resp.status, request_id=rid, etag=resp.headers.get("etag", ""))
                 code, message = _error_body(payload)
                 return Answer(
-                    resp.status, code, message, rid,
+                    resp.status,
+                    code,
+                    message,
+                    rid,
                     retry_after=parse_retry_after(resp.headers.get("retry-after")),
                 )
         except asyncio.TimeoutError:

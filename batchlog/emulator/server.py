@@ -112,9 +112,7 @@ class Emulator:
         self.state = EmulatorState()
         self._rng = random.Random(self.config.seed)
         rate = self.config.rate_limit
-        self._bucket = (
-            _Bucket(rate, self.config.burst or max(1.0, rate / 10)) if rate else None
-        )
+        self._bucket = _Bucket(rate, self.config.burst or max(1.0, rate / 10)) if rate else None
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -130,9 +128,8 @@ class Emulator:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server
-        assert server is not None
-        bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
+        server: Any = site._server
+        bound = server.sockets[0].getsockname()
         self.url = f"http://{host}:{bound[1]}"
         return self.url
 
@@ -151,8 +148,10 @@ class Emulator:
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"applied": self.state.applied,
-             "statuses": {str(k): v for k, v in self.state.statuses.items()}}
+            {
+                "applied": self.state.applied,
+                "statuses": {str(k): v for k, v in self.state.statuses.items()},
+            }
         )
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -184,8 +183,10 @@ class Emulator:
             cfg.workspace and workspace != cfg.workspace
         ):
             return self._error(
-                404, "NotAuthorizedOrNotFound",
-                "Authorization failed or requested resource not found.", rid,
+                404,
+                "NotAuthorizedOrNotFound",
+                "Authorization failed or requested resource not found.",
+                rid,
             )
         if len(token) > 64:
             return self._error(400, "InvalidParameter", "opc-retry-token longer than 64", rid)
@@ -194,8 +195,10 @@ class Emulator:
             seen_digest, status, payload, etag = st.replies[token]
             if seen_digest != digest:
                 return self._error(
-                    409, "InvalidatedRetryToken",
-                    "The retry token was used with another request body.", rid,
+                    409,
+                    "InvalidatedRetryToken",
+                    "The retry token was used with another request body.",
+                    rid,
                 )
             return self._answer(status, payload, rid, etag)
         if cfg.fail_before and self._rng.random() < cfg.fail_before:
@@ -234,15 +237,24 @@ class Emulator:
             for item in doc.get("dataset_inputs") or []:
                 ds = item["dataset"]
                 st.effects.append(
-                    {"op": op, "run_id": run_id, "item": f"{ds['name']}@{ds['digest']}",
-                     "token": token, "input": item}
+                    {
+                        "op": op,
+                        "run_id": run_id,
+                        "item": f"{ds['name']}@{ds['digest']}",
+                        "token": token,
+                        "input": item,
+                    }
                 )
         else:
             model = orjson.loads(doc["model_json"])
             st.effects.append(
-                {"op": op, "run_id": run_id,
-                 "item": f"{model['artifact_path']}@{model['utc_time_created']}",
-                 "token": token, "model_json": doc["model_json"]}
+                {
+                    "op": op,
+                    "run_id": run_id,
+                    "item": f"{model['artifact_path']}@{model['utc_time_created']}",
+                    "token": token,
+                    "model_json": doc["model_json"],
+                }
             )
 
     def _authenticate(self, request: web.Request, body: bytes) -> str:
@@ -277,8 +289,12 @@ class Emulator:
             date, request.raw_path, request.headers.get("host", ""), len(body), sha
         )
         try:
-            key.verify(base64.b64decode(fields.get("signature", "")), text,
-                       padding.PKCS1v15(), hashes.SHA256())
+            key.verify(
+                base64.b64decode(fields.get("signature", "")),
+                text,
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
         except (InvalidSignature, ValueError):
             return "signature does not verify"
         return ""

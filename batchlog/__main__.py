@@ -1,0 +1,3 @@
+from batchlog.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,312 @@
+"""End to end: the CLI in its own process, real HTTP on loopback, signatures verified."""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from batchlog.emulator import EmulatorThread
+from tests.conftest import (
+    PLATFORM,
+    WORKSPACE,
+    Oci,
+    expected_items,
+    inputs_record,
+    mixed_records,
+    model_record,
+    run_cli,
+    upload_args,
+    write_manifest,
+)
+
+StartEmulator = Callable[..., EmulatorThread]
+
+
+def assert_exactly_once(emu: EmulatorThread, records: list[dict[str, object]]) -> None:
+    counts = emu.state.applied_counts()
+    assert set(counts) == expected_items(records)
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1][:5]
+
+
+def report(path: Path) -> dict[str, object]:
+    doc = orjson.loads(path.read_bytes())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_mixed_manifest_lands_exactly_once_and_rerun_sends_nothing(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=0.005)
+    records = mixed_records(2000, runs=300)
+    manifest = write_manifest(tmp_path / "runs.jsonl", records)
+    out = run_cli([*upload_args(oci, emu, str(manifest)), "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+    r = report(tmp_path / "r.json")
+    assert (r["records"], r["succeeded"], r["failed"], r["rejected"]) == (2000, 2000, 0, 0)
+    assert emu.state.statuses[401] == 0  # every signature verified
+    # log-inputs of one run went together: fewer requests than records
+    assert r["requests"] == emu.state.statuses[200] < 2000
+    assert "checkpoint" in out.stderr and str(tmp_path / "runs.batchlog-checkpoint") in out.stderr
+
+    sent = sum(emu.state.statuses.values())
+    again = run_cli([*upload_args(oci, emu, str(manifest)), "--report", str(tmp_path / "r2.json")])
+    assert again.returncode == 0, again.stderr
+    assert sum(emu.state.statuses.values()) == sent  # nothing sent
+    r2 = report(tmp_path / "r2.json")
+    assert (r2["skipped"], r2["requests"], r2["succeeded"]) == (2000, 0, 0)
+
+
+def test_bad_lines_are_named_kept_aside_and_good_lines_land(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    good = mixed_records(30, runs=6)
+    lines: list[object] = list(good)
+    bad_digest = inputs_record("run00001", "toolong")
+    bad_digest["dataset_inputs"][0]["dataset"]["digest"] = "x" * 40
+    lines.insert(3, b'{"run_id": "run00000", "dataset_inputs": [')  # line 4
+    lines.insert(10, {"run_id": "run00001", "dataset_input": []})  # line 11
+    lines.insert(15, bad_digest)  # line 16
+    lines.insert(20, b"")  # a blank line, skipped (line 21)
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    out = run_cli([*upload_args(oci, emu, str(manifest)), "-v"])
+    assert out.returncode == 1, out.stderr
+    assert f"{manifest}:4: (line): invalid JSON" in out.stderr
+    assert (
+        f"{manifest}:11: dataset_input: unknown field (did you mean 'dataset_inputs'?)"
+        in out.stderr
+    )
+    assert f"{manifest}:16: dataset_inputs[0].dataset.digest: 40 characters" in out.stderr
+    assert_exactly_once(emu, good)
+
+    dead = tmp_path / "m.dead-letter.jsonl"
+    docs = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
+    assert sorted(d["_error"]["source"] for d in docs) == [
+        f"{manifest}:11",
+        f"{manifest}:16",
+        f"{manifest}:4",
+    ]
+    assert all(d["_error"]["status"] == "rejected" for d in docs)
+    # fix the dead letter and upload it: it is a manifest
+    fixed = []
+    for d in docs:
+        if "_raw" in d:
+            fixed.append(inputs_record("run00000", "repaired"))
+        elif "dataset_input" in d:
+            fixed.append(inputs_record("run00001", "retyped"))
+        else:
+            d["dataset_inputs"][0]["dataset"]["digest"] = "short"
+            fixed.append(d)  # _error is ignored: a note
+    fixed_path = write_manifest(tmp_path / "fixed.jsonl", fixed)
+    out = run_cli(upload_args(oci, emu, str(fixed_path)))
+    assert out.returncode == 0, out.stderr
+    assert emu.state.applied_counts()[("log-inputs", "run00001", "toolong@short")] == 1
+
+
+def test_throttling_and_server_faults_recover_with_the_same_retry_token(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(throttle_once=0.3, fail_before=0.1, fail_after=0.1, reset_after=0.05, seed=7)
+    records = mixed_records(300, runs=300)  # one record per run: one request per record
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    out = run_cli([*upload_args(oci, emu, str(manifest)), "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+    r = report(tmp_path / "r.json")
+    assert r["throttled"] == emu.state.statuses[429] > 0
+    assert r["retries"] > 0
+    tokens = Counter(emu.state.retry_tokens)
+    assert len(tokens) == 300  # one token per record, reused by every retry
+    assert max(tokens.values()) > 1
+    assert len(emu.state.request_ids) == len(emu.state.retry_tokens)  # fresh id per attempt
+
+
+def test_unknown_runs_go_to_the_dead_letter(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    records = mixed_records(60, runs=20)
+    known = {r["run_id"] for r in records if r["run_id"] not in ("run00003", "run00011")}
+    emu = emulator(known_runs=frozenset(known))
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    out = run_cli(upload_args(oci, emu, str(manifest)))
+    assert out.returncode == 1, out.stderr
+    landed = [r for r in records if r["run_id"] in known]
+    assert_exactly_once(emu, landed)
+    dead = [orjson.loads(x) for x in (tmp_path / "m.dead-letter.jsonl").read_bytes().splitlines()]
+    assert sorted({d["run_id"] for d in dead}) == ["run00003", "run00011"]
+    assert len(dead) == len(records) - len(landed)
+    assert {d["_error"]["status"] for d in dead} == {404}
+    assert all(d["_error"]["code"] == "NotAuthorizedOrNotFound" for d in dead)
+    assert all(d["_error"]["opc_request_id"] for d in dead)
+
+
+def test_wrong_key_stops_early_and_leaves_the_job_resumable(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    emu = emulator(public_key=other.public_key())
+    records = mixed_records(500, runs=500)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    out = run_cli(upload_args(oci, emu, str(manifest)))
+    assert out.returncode == 3, out.stderr
+    assert "unauthenticated (401)" in out.stderr
+    assert sum(emu.state.statuses.values()) < 100  # stopped early, not 500 requests
+    assert not (tmp_path / "m.dead-letter.jsonl").read_bytes()  # nothing marked failed
+
+    fixed = emulator()  # the right key now: the same command finishes the job
+    out = run_cli(upload_args(oci, fixed, str(manifest)))
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(fixed, records)
+
+
+def test_wrong_workspace_stops_early(tmp_path: Path, oci: Oci, emulator: StartEmulator) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(200, runs=200))
+    args = upload_args(oci, emu, str(manifest))
+    args[args.index(WORKSPACE)] = "no-such-workspace"
+    out = run_cli(args)
+    assert out.returncode == 3, out.stderr
+    assert "platform id or the workspace key is likely wrong" in out.stderr
+    assert emu.state.applied == 0
+
+
+def test_configuration_errors_stop_before_any_request(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(10))
+    cases = {
+        "OCI config file": [
+            "upload",
+            "--config-file",
+            str(tmp_path / "nope"),
+            "--platform-id",
+            PLATFORM,
+            "--workspace",
+            WORKSPACE,
+            "--endpoint",
+            emu.url,
+            str(manifest),
+        ],
+        "--workspace is required": [
+            "upload",
+            "--config-file",
+            str(oci.config),
+            "--platform-id",
+            PLATFORM,
+            "--endpoint",
+            emu.url,
+            str(manifest),
+        ],
+        "plain http is refused": [
+            "upload",
+            "--config-file",
+            str(oci.config),
+            "--platform-id",
+            PLATFORM,
+            "--workspace",
+            WORKSPACE,
+            "--endpoint",
+            "http://example.com",
+            str(manifest),
+        ],
+        "no such file": upload_args(oci, emu, str(tmp_path / "missing.jsonl")),
+        "not a positive": [*upload_args(oci, emu, str(manifest)), "--concurrency", "0"],
+        "profile 'NOPE' not found": [*upload_args(oci, emu, str(manifest)), "--profile", "NOPE"],
+    }
+    for message, args in cases.items():
+        out = run_cli(args)
+        assert out.returncode == 2, (message, out.stderr)
+        assert message in out.stderr, (message, out.stderr)
+    assert sum(emu.state.statuses.values()) == 0
+
+
+def test_gzip_stdin_and_several_manifests(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    a = mixed_records(40, runs=10)
+    b = [inputs_record(f"other{i}", f"b{i}") for i in range(20)]
+    plain = write_manifest(tmp_path / "a.jsonl", a)
+    gz = tmp_path / "b.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(b"".join(orjson.dumps(r) + b"\n" for r in b))
+    out = run_cli(upload_args(oci, emu, str(plain), str(gz)))
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, a + b)
+
+    c = [model_record(f"piped{i}", i) for i in range(15)]
+    data = b"".join(orjson.dumps(r) + b"\n" for r in c)
+    out = run_cli(
+        [*upload_args(oci, emu, "-"), "--checkpoint", str(tmp_path / "stdin.ckpt")],
+        input=data.decode(),
+    )
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, a + b + c)
+
+
+def test_appended_manifest_continues_changed_manifest_is_refused(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    first = mixed_records(50, runs=10)
+    manifest = write_manifest(tmp_path / "m.jsonl", first)
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 0
+    more = [inputs_record(f"late{i}", f"late{i}") for i in range(10)]
+    with open(manifest, "ab") as f:
+        f.write(b"".join(orjson.dumps(r) + b"\n" for r in more))
+    out = run_cli([*upload_args(oci, emu, str(manifest)), "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 0, out.stderr
+    assert report(tmp_path / "r.json")["skipped"] == 50
+    assert_exactly_once(emu, first + more)
+
+    edited = list(first + more)
+    edited[49] = inputs_record("run00009", "edited")
+    write_manifest(manifest, edited)
+    before = sum(emu.state.statuses.values())
+    out = run_cli(upload_args(oci, emu, str(manifest)))
+    assert out.returncode == 3, out.stderr
+    assert "changed since checkpoint" in out.stderr and "--restart" in out.stderr
+    assert sum(emu.state.statuses.values()) == before
+
+
+def test_headers(tmp_path: Path, oci: Oci, emulator: StartEmulator) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(5, runs=5))
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 0
+    for h in emu.state.headers_seen:
+        assert h["Content-Type"] == "application/json" and h["Accept"] == "application/json"
+        assert len(h["opc-retry-token"]) <= 64
+        assert len(h["opc-request-id"]) == 32 and h["opc-request-id"].isalnum()
+        assert "dh-user-principal" not in h
+    emu2 = emulator()
+    out = run_cli(
+        [*upload_args(oci, emu2, str(manifest)), "--user-principal", "alice", "--restart"]
+    )
+    assert out.returncode == 0, out.stderr
+    assert all(h["dh-user-principal"] == "alice" for h in emu2.state.headers_seen)
+
+
+def test_secrets_never_appear_in_outputs(tmp_path: Path, oci: Oci, emulator: StartEmulator) -> None:
+    emu = emulator(fail_before=0.3, known_runs=frozenset({"run00000", "run00001"}), seed=3)
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(20, runs=4))
+    out = run_cli(
+        [*upload_args(oci, emu, str(manifest)), "-v", "--report", str(tmp_path / "r.json")]
+    )
+    assert out.returncode == 1, out.stderr
+    signature = emu.state.headers_seen[0]["Authorization"].split('signature="')[1][:40]
+    key_body = b"".join(oci.key_pem.splitlines()[1:3])
+    outputs = [out.stdout.encode(), out.stderr.encode()]
+    outputs += [p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.suffix != ".pem"]
+    for blob in outputs:
+        assert key_body not in blob
+        assert signature.encode() not in blob
+        assert b"Signature version" not in blob
