@@ -197,6 +197,7 @@ class Job:
         assert self._journal is not None
         journal, c = self._journal, self.counters
         grouper = Grouper(self.settings.target, self.settings.grouping)
+        done = point.done_above  # seq -> line hash of records finished beyond the watermark
         seq = point.watermark
         try:
             with anyio.CancelScope() as scope:
@@ -213,31 +214,49 @@ class Job:
                         name = display_name(path)
                         async for line in _lines(path, index, offset, first):
                             h = line_hash(line.raw)
-                            known = point.done_above.get(seq)
-                            if known is not None:
-                                if known != h:
-                                    self._fail_job(
-                                        "failed",
-                                        f"{name}:{line.number} changed since checkpoint "
-                                        f"{self.checkpoint_path} recorded it as done; use "
-                                        "--restart to start over",
-                                    )
-                                    return
-                                seq += 1
-                                continue
-                            journal.read(seq, Mark(index, line.start, line.end, line.number, h))
-                            c.records += 1
+                            mark = Mark(index, line.start, line.end, line.number, h)
                             item = parse_line(line.raw, seq, f"{name}:{line.number}")
+                            known = done.get(seq)
                             seq += 1
+                            if known is not None:  # finished by an earlier run
+                                if known != h:
+                                    self._fail_job("failed", self._changed(name, line.number))
+                                    return
+                                journal.skip(item.seq, mark)
+                            else:
+                                journal.read(item.seq, mark)
+                                c.records += 1
+                                if isinstance(item, Rejection):
+                                    self._reject(item)
+                                    continue
                             if isinstance(item, Rejection):
-                                self._reject(item)
                                 continue
+                            # finished records still go through the grouper, so that the
+                            # calls (and their retry tokens) are those of the first run
                             for call in grouper.add(item):
-                                await send.send(call)
+                                await self._send_unfinished(send, call, done)
                     for call in grouper.flush():
-                        await send.send(call)
+                        await self._send_unfinished(send, call, done)
         except BatchlogError as exc:
             self._fail_job("failed", str(exc))
+
+    async def _send_unfinished(
+        self, send: MemoryObjectSendStream[Call], call: Call, done: dict[int, str]
+    ) -> None:
+        finished = [r for r in call.records if r.seq in done]
+        if not finished:
+            await send.send(call)
+        elif len(finished) < len(call.records):
+            # only after a merged call was split on a 400: its records went one by one
+            for single in split(self.settings.target, call):
+                if single.records[0].seq not in done:
+                    await send.send(single)
+
+    def _changed(self, name: str, line: int) -> str:
+        return (
+            f"{name}:{line} changed since checkpoint {self.checkpoint_path} recorded it as "
+            "done; use --restart to start over"
+        )
 
     def _reject(self, item: Rejection) -> None:
         assert self._journal is not None and self._dead is not None
@@ -252,7 +271,7 @@ class Job:
                 "source": item.source,
             },
         )
-        self._journal.finish(item.seq, REJECTED)
+        self._journal.finish((item.seq,), REJECTED)
         self._log_failure("%s", item)
 
     # ---- workers -------------------------------------------------------------------------
@@ -313,8 +332,8 @@ class Job:
             held, self._held = self._held, []
             for h in held:
                 self._record_failure(h.call, h.answer)
-        for record in call.records:
-            self._journal.finish(record.seq, answer.status, answer.request_id, answer.etag)
+        seqs = [r.seq for r in call.records]
+        self._journal.finish(seqs, answer.status, answer.request_id, answer.etag)
         self.counters.succeeded += len(call.records)
 
     def _permanent(self, call: Call, answer: Answer, attempts: int) -> None:
@@ -350,7 +369,7 @@ class Job:
                     "opc_request_id": answer.request_id,
                 },
             )
-            self._journal.finish(record.seq, answer.status, answer.request_id)
+        self._journal.finish([r.seq for r in call.records], answer.status, answer.request_id)
         self.counters.failed += len(call.records)
         for record in call.records:
             self._log_failure(

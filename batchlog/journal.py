@@ -3,7 +3,8 @@
 File format, one JSON object a line:
 
     {"batchlog_checkpoint": 1, "target": ..., "manifests": [...], ...}    header (line 1)
-    {"s": SEQ, "h": LINEHASH, "st": STATUS, "rid": REQUEST_ID, "etag": ETAG}   a finished record
+    {"s": [SEQ...], "h": [LINEHASH...], "st": STATUS, "rid": REQUEST_ID, "etag": ETAG}
+                                                                one finished call's records
     {"wm": W, "at": [M, OFFSET, LINE], "chk": [START, END, HASH], "above": [[SEQ, HASH]...],
      "n": [SUCCEEDED, FAILED, REJECTED], "t": UNIXTIME}                    a watermark
 
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,29 +102,47 @@ class Journal:
         """The producer read record ``seq`` at ``mark``."""
         self._marks[seq] = mark
 
-    def finish(self, seq: int, status: int | str, request_id: str = "", etag: str = "") -> None:
-        """Record that ``seq`` is finished (journaled at the next flush)."""
-        mark = self._marks[seq]
-        entry: dict[str, Any] = {"s": seq, "h": mark.hash, "st": status}
+    def finish(
+        self, seqs: Sequence[int], status: int | str, request_id: str = "", etag: str = ""
+    ) -> None:
+        """Record that the records ``seqs`` (one call's) are finished, at the next flush.
+
+        One line for the whole call: a torn write loses all of it or none, so a resume never
+        sees part of a merged call done and regroups the rest under another retry token.
+        """
+        hashes = [self._marks[seq].hash for seq in seqs]
+        entry: dict[str, Any] = {"s": list(seqs), "h": hashes, "st": status}
         if request_id:
             entry["rid"] = request_id
         if etag:
             entry["etag"] = etag
         self._buffer.append(orjson.dumps(entry))
+        n = len(seqs)
         if status == REJECTED:
-            self._counts.rejected += 1
+            self._counts.rejected += n
         elif isinstance(status, int) and 200 <= status < 300:
-            self._counts.succeeded += 1
+            self._counts.succeeded += n
         else:
-            self._counts.failed += 1
-        self._above[seq] = mark.hash
+            self._counts.failed += n
+        for seq, h in zip(seqs, hashes, strict=True):
+            self._above[seq] = h
         self._dirty = True
-        while self._watermark in self._above:
+        self._advance()
+
+    def skip(self, seq: int, mark: Mark) -> None:
+        """The producer read record ``seq``, which an earlier run finished."""
+        self._marks[seq] = mark
+        self._advance()
+
+    def _advance(self) -> None:
+        # a seq is passed once finished and read (its position is then known)
+        while self._watermark in self._above and self._watermark in self._marks:
             del self._above[self._watermark]
             passed = self._marks.pop(self._watermark)
             self._at = (passed.manifest, passed.end, passed.line + 1)
             self._check = (passed.start, passed.end, passed.hash)
             self._watermark += 1
+            self._dirty = True
 
     def pending_bytes(self) -> bytes:
         """What the next flush writes: the new entries and a watermark. Clears the buffer."""
@@ -323,14 +343,16 @@ def _apply_watermark(point: ResumePoint, doc: dict[str, Any]) -> None:
 
 
 def _apply_entry(point: ResumePoint, doc: dict[str, Any]) -> None:
-    seq = int(doc["s"])
-    if seq < point.watermark or seq in point.done_above:
-        return
-    point.done_above[seq] = str(doc.get("h", ""))
+    seqs, hashes = doc["s"], doc.get("h", [])
     status = doc.get("st")
-    if status == REJECTED:
-        point.counts.rejected += 1
-    elif isinstance(status, int) and 200 <= status < 300:
-        point.counts.succeeded += 1
-    else:
-        point.counts.failed += 1
+    for seq, h in zip(seqs, hashes, strict=True):
+        seq = int(seq)
+        if seq < point.watermark or seq in point.done_above:
+            continue
+        point.done_above[seq] = str(h)
+        if status == REJECTED:
+            point.counts.rejected += 1
+        elif isinstance(status, int) and 200 <= status < 300:
+            point.counts.succeeded += 1
+        else:
+            point.counts.failed += 1

@@ -22,7 +22,7 @@ def fill(path: Path, finished: list[int], status: int | str = 200, target: str =
     for seq in range(point.watermark, 10):
         journal.read(seq, Mark(0, seq * 10, seq * 10 + 10, seq + 1, f"h{seq}"))
     for seq in finished:
-        journal.finish(seq, status, "RID", "ETAG")
+        journal.finish([seq], status, "RID", "ETAG")
     journal.write(journal.pending_bytes())
     journal.close()
 
@@ -52,9 +52,9 @@ def test_failures_and_rejections_are_counted(tmp_path: Path) -> None:
     journal, _ = open_journal(str(path), header(), restart=False)
     for seq in range(3):
         journal.read(seq, Mark(0, seq, seq + 1, seq + 1, "h"))
-    journal.finish(0, 200)
-    journal.finish(1, 404)
-    journal.finish(2, REJECTED)
+    journal.finish([0], 200)
+    journal.finish([1], 404)
+    journal.finish([2], REJECTED)
     journal.write(journal.pending_bytes())
     journal.close()
     _, point = read_checkpoint(str(path))
@@ -67,13 +67,13 @@ def test_torn_tail_is_cut_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptu
     fill(path, [0, 1])
     good = path.read_bytes()
     with open(path, "ab") as f:
-        f.write(b'{"s": 2, "h": "h2", "st": 200}\n{"wm": 3, "at": [0, 3')  # kill -9 mid-write
+        f.write(b'{"s": [2], "h": ["h2"], "st": 200}\n{"wm": 3, "at": [0, 3')  # kill -9 mid-write
     with caplog.at_level(logging.WARNING, logger="batchlog"):
         _, point = read_checkpoint(str(path), repair=True)
     assert "torn or corrupt tail" in caplog.text
     # the complete entry survives, the torn watermark is cut
     assert point.watermark == 2 and point.done_above == {2: "h2"}
-    assert path.read_bytes() == good + b'{"s": 2, "h": "h2", "st": 200}\n'
+    assert path.read_bytes() == good + b'{"s": [2], "h": ["h2"], "st": 200}\n'
 
 
 def test_garbage_tail_is_cut(tmp_path: Path) -> None:
@@ -120,10 +120,27 @@ def test_resume_reads_only_the_tail(tmp_path: Path) -> None:
     n = 20_000
     for seq in range(n):
         journal.read(seq, Mark(0, seq, seq + 1, seq + 1, "h"))
-        journal.finish(seq, 200)
+        journal.finish([seq], 200)
         if seq % 100 == 0:
             journal.write(journal.pending_bytes())
     journal.write(journal.pending_bytes())
     journal.close()
     _, point = read_checkpoint(str(path))
     assert point.watermark == n and point.counts.succeeded == n
+
+
+def test_a_merged_call_is_one_line(tmp_path: Path) -> None:
+    """A torn write drops a whole call or none of it: never part of a merged call."""
+    path = tmp_path / "c"
+    journal, _ = open_journal(str(path), header(), restart=False)
+    for seq in range(3):
+        journal.read(seq, Mark(0, seq, seq + 1, seq + 1, f"h{seq}"))
+    journal.finish([0, 1, 2], 200, "RID")
+    data = journal.pending_bytes()
+    journal.close()
+    lines = data.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(b'{"s":[0,1,2]')
+    # torn inside that line: nothing of the call counts as done
+    path.write_bytes(path.read_bytes() + data[: len(lines[0]) // 2])
+    _, point = read_checkpoint(str(path), repair=True)
+    assert point.finished == 0

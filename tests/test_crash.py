@@ -1,0 +1,174 @@
+"""Crashes, signals and full disks: re-running the same command finishes the job exactly once."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchlog.emulator import EmulatorThread
+from batchlog.journal import read_checkpoint
+from tests.conftest import Oci, mixed_records, run_cli, upload_args, write_manifest
+from tests.test_upload import assert_exactly_once
+
+StartEmulator = Callable[..., EmulatorThread]
+
+
+def start_cli(args: list[str], **kwargs: object) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCI_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchlog", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.communicate()
+
+
+def wait_applied(emu: EmulatorThread, proc: subprocess.Popen[str], at_least: int) -> None:
+    deadline = time.monotonic() + 60
+    while emu.state.applied < at_least:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_resume_loses_nothing_and_applies_nothing_twice(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=0.02)
+    records = mixed_records(3000, runs=3000)  # one request per record
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", "32"]
+    proc = start_cli(args)
+    wait_applied(emu, proc, 700)
+    kill(proc)  # SIGKILL: no chance to flush anything
+    applied_at_kill = emu.state.applied
+    assert applied_at_kill < 3000
+
+    _, point = read_checkpoint(str(tmp_path / "m.batchlog-checkpoint"))
+    assert 0 < point.finished <= applied_at_kill  # journaled ones were applied
+
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+    # records in flight at the kill were sent again with the same token and replayed,
+    # not applied again: some tokens were seen twice
+    tokens = emu.state.retry_tokens
+    assert len(set(tokens)) == 3000 and len(tokens) > 3000
+
+
+def test_repeated_kills_against_a_faulty_server(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    rng = random.Random(1234)
+    emu = emulator(
+        latency=0.01,
+        fail_before=0.05,
+        fail_after=0.05,
+        reset_after=0.03,
+        throttle_once=0.1,
+        seed=99,
+    )
+    records = mixed_records(2500, runs=800)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", "48"]
+    for _ in range(4):
+        proc = start_cli(args)
+        wait_applied(emu, proc, emu.state.applied + rng.randint(50, 300))
+        time.sleep(rng.random() * 0.2)
+        kill(proc)
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+
+
+def test_sigterm_drains_in_flight_and_resumes(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=0.05)
+    records = mixed_records(3000, runs=3000)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [
+        *upload_args(oci, emu, str(manifest)),
+        "--concurrency",
+        "16",
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
+    proc = start_cli(args)
+    wait_applied(emu, proc, 200)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    # everything applied when it stopped was journaled: the drain waited for in-flight answers
+    _, point = read_checkpoint(str(tmp_path / "m.batchlog-checkpoint"))
+    assert point.finished == emu.state.applied
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+    assert emu.state.statuses[200] == 3000  # nothing was even sent twice
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_full_disk_for_the_journal_stops_cleanly_and_resumes(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    records = mixed_records(1500, runs=1500)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest))
+    proc = start_cli(args, preexec_fn=_limit_file_size)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert "cannot write checkpoint" in err
+    assert emu.state.applied < 1500
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(int(os.environ.get("BATCHLOG_FAULT_SEEDS", "10"))))
+def test_random_faults_and_kills(
+    seed: int, tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    rng = random.Random(seed)
+    emu = emulator(
+        latency=rng.choice([0.0, 0.005, 0.02]),
+        fail_before=rng.random() * 0.1,
+        fail_after=rng.random() * 0.1,
+        reset_after=rng.random() * 0.05,
+        throttle_once=rng.random() * 0.3,
+        seed=seed,
+    )
+    records = mixed_records(rng.randint(300, 1500), runs=rng.randint(50, 1500))
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", str(rng.choice([4, 16, 64]))]
+    for _ in range(rng.randint(1, 3)):
+        proc = start_cli(args)
+        deadline = time.monotonic() + rng.random() * 1.5
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        kill(proc)
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
