@@ -88,6 +88,8 @@ def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
         return Credentials(StaticKey(f"ST${token}", key), config.get("region"))
     except ConfigurationError:
         raise
+    except oci.exceptions.InvalidConfig as exc:  # names the bad fields, never their values
+        raise ConfigurationError(f"OCI config {config_file} [{profile}]: {exc}") from None
     except Exception as exc:  # the oci package raises many kinds; name the cause, not secrets
         raise ConfigurationError(
             f"OCI config {config_file} [{profile}]: cannot load the signing key "

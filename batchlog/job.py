@@ -9,6 +9,7 @@ Nothing in here prints; the CLI renders the counters and the report.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
@@ -72,7 +73,7 @@ class Job:
         self._on_progress = on_progress
         self._rng = random.Random()
         self._gate: RateGate = make_gate(settings.rate, settings.adaptive)
-        self._inflight = anyio.CapacityLimiter(settings.concurrency)
+        self._inflight = asyncio.Semaphore(settings.concurrency)  # aiohttp runs on asyncio only
         self._draining = False  # a stop was requested: take no new work
         self._stop_status: Status | None = None
         self._stop_message = ""

@@ -7,11 +7,16 @@ it neither blocks the event loop nor waits behind anything else; retries sleep o
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import secrets
 import ssl
-import uuid
+import threading
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 import orjson
@@ -31,6 +36,75 @@ def signing_threads() -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, 8))
+
+
+class RequestIds:
+    """opc-request-id values: 32 upper-case hex characters, unique, without a syscall each."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8).upper()  # random per process
+        self._counter = itertools.count(secrets.randbelow(1 << 32))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016X}"
+
+
+class SigningPool:
+    """Runs blocking signing calls on a few threads, handing them over in batches.
+
+    A call queued while a thread is busy joins the next batch, and a batch's results come
+    back to the event loop in one wake-up: the hand-off costs little however many requests
+    are in flight, and RSA runs beside the event loop (the GIL is released while signing).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._threads = threads  # threads draining the queue at most
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="batchlog-sign")
+        self._queue: deque[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]] = (
+            deque()
+        )  # calls waiting for a thread
+        self._lock = threading.Lock()  # guards _active against the drain threads
+        self._active = 0  # drain tasks running or submitted
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            self._queue.append((future, fn, args))
+            start = self._active < self._threads
+            if start:
+                self._active += 1
+        if start:
+            self._executor.submit(self._drain, loop)
+        return await future
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._active -= 1
+                    return
+                batch = [self._queue.popleft() for _ in range(min(8, len(self._queue)))]
+            done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            for future, fn, args in batch:
+                try:
+                    done.append((future, fn(*args), None))
+                except Exception as exc:
+                    done.append((future, None, exc))
+            loop.call_soon_threadsafe(_deliver, done)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, exc in done:
+        if future.cancelled():
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 class Transport:
@@ -56,6 +130,7 @@ class Transport:
             "content-type": "application/json",
             "accept": "application/json",
             "host": self._host,
+            "user-agent": "batchlog/0.1",
         }
         if user_principal:
             self._fixed_headers["dh-user-principal"] = user_principal
@@ -65,7 +140,8 @@ class Transport:
         }
         self._paths = {op: target.path(op) for op in ("log-inputs", "log-model")}
         self._session: aiohttp.ClientSession | None = None
-        self._signers: ThreadPoolExecutor | None = None
+        self._signers: SigningPool | None = None
+        self._ids = RequestIds()
 
     async def __aenter__(self) -> Transport:
         ssl_ctx: ssl.SSLContext | bool = True
@@ -78,9 +154,8 @@ class Transport:
             connector=connector,
             timeout=self._timeout,
             skip_auto_headers=("User-Agent",),
-            headers={"user-agent": "batchlog/0.1"},
         )
-        self._signers = ThreadPoolExecutor(signing_threads(), thread_name_prefix="batchlog-sign")
+        self._signers = SigningPool(signing_threads())
         return self
 
     async def __aexit__(
@@ -89,22 +164,21 @@ class Transport:
         if self._session is not None:
             await self._session.close()
         if self._signers is not None:
-            self._signers.shutdown(wait=False, cancel_futures=True)
+            self._signers.close()
 
     async def refresh_credentials(self) -> None:
         assert self._signers is not None
-        await asyncio.get_running_loop().run_in_executor(self._signers, self._keys.refresh)
+        await self._signers.run(self._keys.refresh)
 
     async def send(self, call: Call) -> Answer:
         """One attempt: sign now, post, and describe what came back. Never raises on HTTP."""
         assert self._session is not None and self._signers is not None
-        request_id = uuid.uuid4().hex.upper()
+        request_id = self._ids.next()
         headers = dict(self._fixed_headers)
         headers["opc-request-id"] = request_id
         headers["opc-retry-token"] = call.token
         try:
-            signed = await asyncio.get_running_loop().run_in_executor(
-                self._signers,
+            signed = await self._signers.run(
                 sign_post,
                 self._keys,
                 self._paths[call.op],
