@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 import anyio
 from aiolimiter import AsyncLimiter
@@ -51,101 +52,149 @@ class Pacer:
 class AdaptiveRate:
     """Finds the server's limit: grows while the pacer binds, backs off on excess 429s.
 
-    Decisions are made once per ``window``, so one overshoot's burst of 429s is one signal.
-    A window with more 429s than the background share (plus sampling noise) means the rate
-    is over the limit: the rate drops to just under what the server accepted in that
-    window, which is the limit itself when a token bucket answers the 429s. The next window
-    checks the diagnosis: if the 429s did not go away with the lower rate, they are not
-    caused by our rate (some servers throttle a share of requests at any rate); the rate
-    is restored and that share becomes the background.
+    Decisions are made once per window, so one overshoot's burst of 429s is one signal.
+    A window with more 429s than the background share (plus sampling noise) is "over".
+    The first time, the controller probes: it drops to half of what the server accepted and,
+    a settling window later, looks again. If the 429s went away, a limit was found (what
+    the server accepted while over it) and the rate settles just under it, creeping up
+    slowly to follow a limit that rises. If they did not, they are not caused by our rate
+    (some servers throttle a share of requests at any rate): the rate is restored and that
+    share becomes the background. Once a limit is known, going over it again costs no
+    probe: the rate drops straight to just under the newly measured limit.
     """
 
     __slots__ = (
         "_background",
         "_ceiling",
         "_floor",
+        "_limit",
         "_ok",
         "_pacer",
         "_probe",
+        "_quiet",
+        "_recent",
         "_settling",
         "_slow_start",
+        "_started",
         "_throttled",
         "_window",
         "_window_start",
         "rate",
     )
 
-    MIN_EVENTS = 20  # answers needed before a window is judged
+    MIN_EVENTS = 40  # answers needed before a window is judged (or 4 windows' time)
     MARGIN = 0.02  # 429 share above the background that means "over the limit"
+    QUICK_THROTTLES = 5  # this many 429s end a window early: react within a fraction of it
+    BELOW = 0.97  # where to settle, as a share of the measured limit
+    PROBE = 0.5  # where to probe, as a share of what the server accepted
+    CREEP = 1.005  # growth per window once a limit is known, times the quiet windows
+    GROW = 1.05  # growth per window before a limit is known, after slow start
+    HORIZON = 1.0  # seconds over which the accepted rate is measured
 
     def __init__(
         self,
-        initial: float = 100.0,
+        initial: float = 200.0,
         ceiling: float | None = None,
         floor: float = 1.0,
         window: float = 0.5,
     ) -> None:
         self._ceiling = ceiling if ceiling is not None else math.inf  # never exceeded
         self._floor = floor  # never gone below
-        self._window = window  # seconds between two decisions
-        self._slow_start = True  # double per window until the first decrease
-        self._window_start = time.monotonic()  # when the current window began
+        self._window = window  # seconds between two decisions (half that in slow start)
+        self._slow_start = True  # double per window until the first 429s
+        self._started = self._window_start = time.monotonic()  # start; current window's start
+        self._recent: deque[float] = deque()  # times of the successes of the last HORIZON
         self._ok = 0  # successes in the current window
         self._throttled = 0  # 429s in the current window
         self._background = 0.0  # share of 429s that lowering the rate does not remove
-        self._probe: tuple[float, float, bool] | None = None
-        # after a decrease: (rate before it, 429 share that caused it, slow start before it)
-        self._settling = False  # the window after a change: answers to requests sent before
+        self._limit: float | None = None  # the server's limit, once measured
+        self._probe: tuple[float, float, bool, float] | None = None
+        # while probing: (rate before, 429 share seen, slow start before, accepted rate seen)
+        self._settling = False  # a window of answers to requests sent before a change
+        self._quiet = 0  # windows in a row without going over, since the limit was found
         self.rate = min(initial, self._ceiling)  # requests per second now
         self._pacer = Pacer(self.rate)
+
+    @property
+    def limit(self) -> float | None:
+        return self._limit
 
     async def acquire(self) -> None:
         await self._pacer.acquire()
 
     def on_success(self) -> None:
         self._ok += 1
-        self._judge()
+        now = time.monotonic()
+        self._recent.append(now)
+        while now - self._recent[0] > self.HORIZON:
+            self._recent.popleft()
+        self._judge(now)
 
     def on_throttle(self, retry_after: float | None) -> None:
         if retry_after:
             self._pacer.hold(retry_after)
         self._throttled += 1
-        self._judge()
+        self._judge(time.monotonic())
 
-    def _judge(self) -> None:
-        now = time.monotonic()
+    def _accepted(self, now: float) -> float:
+        """Successes per second over the last HORIZON seconds: what the server let through."""
+        span = min(self.HORIZON, max(now - self._started, 0.05))
+        return len(self._recent) / span
+
+    def _judge(self, now: float) -> None:
         elapsed = now - self._window_start
         events = self._ok + self._throttled
-        if elapsed < self._window or (events < self.MIN_EVENTS and elapsed < 4 * self._window):
+        if elapsed < 0.05 or not events:
             return
-        if self._settling:  # answers to requests sent before the change: not evidence
-            self._settling = False
-            self._window_start = now
-            self._ok = self._throttled = 0
-            return
+        window = self._window / 2 if self._slow_start else self._window
         share = self._throttled / events
         bg = self._background
-        noise = 3.0 * math.sqrt(max(bg, 0.01) * (1.0 - bg) / events)
+        noise = 3.0 * math.sqrt(bg * (1.0 - bg) / events)  # sampling noise of the background
         over = self._throttled > 0 and share > bg + self.MARGIN + noise
+        due = elapsed >= window and (events >= self.MIN_EVENTS or elapsed >= 4 * window)
+        quick = over and self._throttled >= self.QUICK_THROTTLES and not self._settling
+        if not (due or quick):
+            return
+        self._window_start = now
+        self._ok = self._throttled = 0
+        if self._settling:  # answers to requests sent before the change: not evidence
+            self._settling = False
+            return
+        accepted = self._accepted(now)
         probe, self._probe = self._probe, None
-        if over and probe is not None and share > 0.5 * probe[1]:
-            # lowering the rate did not remove the 429s: they are background, not our doing
-            self._background = share
-            self._slow_start = probe[2]
-            self._set(probe[0])
+        if probe is not None:
+            before, probe_share, slow_start, probe_accepted = probe
+            if over and share > 0.5 * probe_share:
+                self._background = share  # not our doing: restore the rate
+                self._slow_start = slow_start
+                self._set(before)
+            else:
+                self._found(probe_accepted)
+        elif over and self._limit is not None and self.rate >= 0.9 * self._limit:
+            self._found(accepted)
         elif over:
-            self._probe = (self.rate, share, self._slow_start)
-            accepted = self._ok / elapsed  # what the server let through
-            self._set(max(self.rate * 0.5, min(self.rate * 0.95, accepted * 0.97)))
+            self._probe = (self.rate, share, self._slow_start, accepted)
             self._slow_start = False
             self._settling = True
+            self._set(min(self.rate, accepted) * self.PROBE)
         else:
             if share < bg:
                 self._background = 0.8 * bg + 0.2 * share
-            if now - self._pacer.last_wait < elapsed:  # the pacer held requests back
-                self._set(self.rate * (2.0 if self._slow_start else 1.01))
-        self._window_start = now
-        self._ok = self._throttled = 0
+            if events >= 0.8 * self.rate * elapsed:  # the rate is in use: it may be what binds
+                self._quiet += 1
+                if self._slow_start:
+                    step = 2.0
+                elif self._limit:  # probe above a known limit, bolder the longer it holds
+                    step = min(self.GROW, 1.0 + (self.CREEP - 1.0) * self._quiet)
+                else:
+                    step = self.GROW
+                self._set(self.rate * step)
+
+    def _found(self, limit: float) -> None:
+        self._limit = limit
+        self._quiet = 0
+        self._slow_start = False
+        self._set(limit * self.BELOW)
 
     def _set(self, rate: float) -> None:
         self.rate = max(self._floor, min(self._ceiling, rate))

@@ -24,10 +24,10 @@ from typing import Any
 
 import orjson
 
-API = (
-    "/20260430/aiDataPlatforms/{aiDataPlatformId}/workspaces/{workspaceKey}"
-    "/mlops/api/2.0/mlflow/runs/"
+RESOURCE = (
+    "/aiDataPlatforms/{aiDataPlatformId}/workspaces/{workspaceKey}/mlops/api/2.0/mlflow/runs/"
 )
+API = "/20260430" + RESOURCE
 
 
 def load(manifest: str) -> list[tuple[str, dict[str, Any]]]:
@@ -131,7 +131,7 @@ def run_asyncbase(a: argparse.Namespace) -> dict[str, Any]:
             async with sem:
                 try:
                     await client.call_api(
-                        resource_path=API + op,
+                        resource_path=RESOURCE + op,
                         method="POST",
                         path_params={"aiDataPlatformId": a.platform, "workspaceKey": a.workspace},
                         header_params={

@@ -75,7 +75,7 @@ class EmulatorState:
     effects: list[dict[str, Any]] = field(default_factory=list)  # what was applied, in order
     applied: int = 0  # calls applied
     statuses: Counter[int] = field(default_factory=Counter)  # answers sent, by status
-    tokens_seen: set[str] = field(default_factory=set)  # for throttle_once
+    tokens_seen: set[str] = field(default_factory=set)  # for throttle_once: token or body hash
     replies: dict[str, tuple[str, int, bytes, str]] = field(default_factory=dict)
     # token -> (body sha256, status, body, etag) of the applied call
     request_ids: set[str] = field(default_factory=set)  # opc-request-id values received
@@ -170,8 +170,9 @@ class Emulator:
             return self._error(401, "NotAuthenticated", problem, rid)
         if self._bucket is not None and not self._bucket.take():
             return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
-        if cfg.throttle_once and token and token not in st.tokens_seen:
-            st.tokens_seen.add(token)
+        once_key = token or hashlib.sha256(body).hexdigest()  # clients that send no token
+        if cfg.throttle_once and once_key not in st.tokens_seen:
+            st.tokens_seen.add(once_key)
             if self._rng.random() < cfg.throttle_once:
                 return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
         platform = request.match_info["platform"]
