@@ -10,9 +10,11 @@ Nothing in here prints; the CLI renders the counters and the report.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -80,6 +82,7 @@ class Job:
         self._any_success = False
         self._held: list[_Held] = []
         self._failures_logged = 0
+        self._expired: list[str] = []  # sources of calls in doubt for longer than 24 h
         self._journal: Journal | None = None
         self._dead: DeadLetter | None = None
         self._tg: anyio.abc.TaskGroup | None = None  # producer and workers
@@ -145,7 +148,7 @@ class Job:
                 ca_bundle=s.ca_bundle,
                 user_principal=s.user_principal,
             ) as transport:
-                send, receive = anyio.create_memory_object_stream[Call](s.concurrency * 2)
+                send, receive = anyio.create_memory_object_stream[Call](s.concurrency)
                 async with anyio.create_task_group() as outer:
                     self._outer = outer
                     outer.start_soon(self._flush_loop)
@@ -153,7 +156,7 @@ class Job:
                     async with anyio.create_task_group() as tg:
                         self._tg = tg
                         tg.start_soon(self._produce, send, point)
-                        workers = min(1024, s.concurrency * 4)  # sleeping retries hold no slot
+                        workers = min(1024, s.concurrency * 2)  # sleeping retries hold no slot
                         async with receive:
                             for _ in range(workers):
                                 tg.start_soon(self._work, receive.clone(), transport)
@@ -167,13 +170,14 @@ class Job:
         if self._held and not self._any_success and self._stop_status is None:
             self._stop_status = "stopped"
             self._stop_message = self._systemic_message()
-        return Report.build(
+        report = Report.build(
             self.counters,
             self._stop_status or "completed",
             self._stop_message,
             self.checkpoint_path,
             self.dead_letter_path,
         )
+        return dataclasses.replace(report, in_doubt_expired=tuple(self._expired))
 
     def _open_files(self) -> ResumePoint:
         s = self.settings
@@ -292,6 +296,8 @@ class Job:
             attempt += 1
             await self._gate.acquire()
             c.rate = self._gate.rate
+            if attempt == 1:
+                self._mark_sent(call)
             async with self._inflight:
                 c.in_flight += 1
                 try:
@@ -326,6 +332,22 @@ class Job:
             self._permanent(call, answer, attempt)
             return
 
+    def _mark_sent(self, call: Call) -> None:
+        assert self._journal is not None and self._point is not None
+        first = call.records[0].seq
+        earlier = self._point.doubt.get(first)  # sent by an earlier run, never answered
+        now = time.time()
+        if earlier is not None and now - earlier > IN_DOUBT_TTL:
+            sources = ", ".join(r.source for r in call.records)
+            self._expired.append(sources)
+            log.warning(
+                "%s: first sent %s, more than 24 h ago, and never answered: its retry token "
+                "has expired, so the server may apply it a second time",
+                sources,
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(earlier)),
+            )
+        self._journal.sent(first, earlier if earlier is not None else now)
+
     def _succeed(self, call: Call, answer: Answer) -> None:
         assert self._journal is not None
         if not self._any_success:
@@ -335,6 +357,7 @@ class Job:
                 self._record_failure(h.call, h.answer)
         seqs = [r.seq for r in call.records]
         self._journal.finish(seqs, answer.status, answer.request_id, answer.etag)
+        self._journal.answered(seqs[0])
         self.counters.succeeded += len(call.records)
 
     def _permanent(self, call: Call, answer: Answer, attempts: int) -> None:
@@ -371,6 +394,7 @@ class Job:
                 },
             )
         self._journal.finish([r.seq for r in call.records], answer.status, answer.request_id)
+        self._journal.answered(call.records[0].seq)
         self.counters.failed += len(call.records)
         for record in call.records:
             self._log_failure(

@@ -6,12 +6,15 @@ File format, one JSON object a line:
     {"s": [SEQ...], "h": [LINEHASH...], "st": STATUS, "rid": REQUEST_ID, "etag": ETAG}
                                                                 one finished call's records
     {"wm": W, "at": [M, OFFSET, LINE], "chk": [START, END, HASH], "above": [[SEQ, HASH]...],
-     "n": [SUCCEEDED, FAILED, REJECTED], "t": UNIXTIME}                    a watermark
+     "n": [SUCCEEDED, FAILED, REJECTED], "doubt": [[SEQ, UNIXTIME]...], "t": UNIXTIME}
+                                                                            a watermark
 
 Every flush appends the records finished since the last one and then a watermark: all
 records with seq < W are finished; reading resumes at byte OFFSET of manifest M (line LINE);
-``above`` lists the records finished beyond W. A resume therefore reads only the file's
-tail back to its last watermark: it costs the same for ten records done or ten million.
+``above`` lists the records finished beyond W; ``doubt`` the calls sent but not answered
+(by their first record) with the time they were first sent, for the 24 h token horizon.
+A resume therefore reads only the file's tail back to its last watermark: it costs the
+same for ten records done or ten million.
 ``chk`` is the span and hash of the line of record W-1, so a manifest whose processed part
 changed is noticed; the line hashes in entries catch changes above the watermark.
 """
@@ -62,6 +65,7 @@ class ResumePoint:
     counts: Counts = field(default_factory=Counts)
     last_write: float | None = None  # unix time of the last watermark
     manifests: list[dict[str, Any]] = field(default_factory=list)  # as the header lists them
+    doubt: dict[int, float] = field(default_factory=dict)  # call's first seq -> first sent
 
     @property
     def finished(self) -> int:
@@ -93,6 +97,7 @@ class Journal:
         self._counts = point.counts
         self._buffer: list[bytes] = []  # entries not yet written
         self._dirty = False  # something to write
+        self._doubt: dict[int, float] = {}  # first seq of each call sent, unfinished -> unix time
 
     @property
     def counts(self) -> Counts:
@@ -144,6 +149,14 @@ class Journal:
             self._watermark += 1
             self._dirty = True
 
+    def sent(self, first_seq: int, when: float) -> None:
+        """A call (named by its first record) went out: in doubt until it finishes."""
+        self._doubt[first_seq] = round(when, 3)
+        self._dirty = True
+
+    def answered(self, first_seq: int) -> None:
+        self._doubt.pop(first_seq, None)
+
     def pending_bytes(self) -> bytes:
         """What the next flush writes: the new entries and a watermark. Clears the buffer."""
         if not self._dirty:
@@ -154,6 +167,7 @@ class Journal:
             "chk": list(self._check) if self._check else None,
             "above": [[s, h] for s, h in sorted(self._above.items())],
             "n": [self._counts.succeeded, self._counts.failed, self._counts.rejected],
+            "doubt": [[s, t] for s, t in sorted(self._doubt.items())],
             "t": round(time.time(), 3),
         }
         self._buffer.append(orjson.dumps(wm))
@@ -340,6 +354,7 @@ def _apply_watermark(point: ResumePoint, doc: dict[str, Any]) -> None:
     ok, failed, rejected = doc.get("n", [0, 0, 0])
     point.counts = Counts(int(ok), int(failed), int(rejected))
     point.last_write = float(doc.get("t", 0.0))
+    point.doubt = {int(seq): float(t) for seq, t in doc.get("doubt", [])}
 
 
 def _apply_entry(point: ResumePoint, doc: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ class Report:
     message: str  # why it stopped, or ""
     checkpoint: str
     dead_letter: str
-    in_doubt_expired: tuple[int, ...] = ()  # seqs in doubt for more than 24 h at resume
+    in_doubt_expired: tuple[str, ...] = ()  # sources of calls unanswered for over 24 h
 
     @property
     def exit_code(self) -> int:
