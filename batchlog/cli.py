@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import logging
 import math
 import os
@@ -31,7 +33,15 @@ from batchlog.report import (
 from batchlog.retry import RetryPolicy
 from batchlog.settings import Settings, resolve_paths
 from batchlog.signing import KeySource, StaticKey
-from batchlog.target import OciTarget, check_endpoint, check_ids, region_endpoint
+from batchlog.target import (
+    MlflowTarget,
+    OciTarget,
+    check_endpoint,
+    check_ids,
+    mlflow_target,
+    region_endpoint,
+)
+from batchlog.verify import verify
 
 EMULATED_PLATFORM = "ocid1.aidataplatform.oc1..emulator"
 EMULATED_WORKSPACE = "emulator"
@@ -75,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("manifests", nargs="+", metavar="MANIFEST", help="JSON Lines, .gz, or -")
     t = up.add_argument_group("target")
+    _target_flags(t)
     t.add_argument(
         "--platform-id",
         default=os.environ.get("BATCHLOG_PLATFORM_ID"),
@@ -140,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--dry-run", action="store_true", help="validate and plan, send nothing")
 
+    vf = sub.add_parser(
+        "verify", parents=[common], help="read every run back from MLflow: what is missing"
+    )
+    vf.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    _target_flags(vf)
+    vf.add_argument("--concurrency", type=_positive_int, default=16)
+
     v = sub.add_parser("validate", parents=[common], help="check manifests, no network")
     v.add_argument("manifests", nargs="+", metavar="MANIFEST")
 
@@ -168,11 +186,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _target_flags(group: Any) -> None:
+    group.add_argument(
+        "--target",
+        choices=("oci", "mlflow"),
+        default="oci",
+        help="Oracle AI Data Platform (default) or an MLflow tracking server",
+    )
+    group.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="with --target mlflow (env MLFLOW_TRACKING_URI)",
+    )
+
+
+def _mlflow_target(args: argparse.Namespace) -> tuple[MlflowTarget, str | None, bool]:
+    """The MLflow target, CA file and TLS verification, from flags and MLflow's variables."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    authorization = ""
+    if token:
+        authorization = f"Bearer {token}"
+    elif user and password:
+        authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    elif user or password:
+        raise ConfigurationError(
+            "set both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or neither"
+        )
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1")
+    ca = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or getattr(args, "ca_bundle", None)
+    if ca and not os.path.isfile(ca):
+        raise ConfigurationError(f"CA file {ca}: no such file")
+    return mlflow_target(args.tracking_uri, authorization), ca, not insecure
+
+
 # ---- upload ------------------------------------------------------------------------------
 
 
 def _settings(
-    args: argparse.Namespace, keys: KeySource, endpoint: str, platform: str, workspace: str
+    args: argparse.Namespace,
+    keys: KeySource | None,
+    endpoint: str,
+    platform: str,
+    workspace: str,
 ) -> Settings:
     return Settings(
         target=OciTarget(endpoint, platform, workspace),
@@ -193,6 +250,14 @@ def _settings(
 
 
 def _real_settings(args: argparse.Namespace) -> Settings:
+    if args.target == "mlflow":
+        target, ca, verify_tls = _mlflow_target(args)
+        return dataclasses.replace(
+            _settings(args, None, "", "", ""),
+            target=target,
+            ca_bundle=ca,
+            verify_tls=verify_tls,
+        )
     platform, workspace = check_ids(args.platform_id, args.workspace)
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
         raise ConfigurationError(f"--ca-bundle {args.ca_bundle}: no such file")
@@ -351,6 +416,23 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+async def _verify(args: argparse.Namespace, out: TextIO) -> int:
+    if args.target != "mlflow":
+        raise ConfigurationError("verify reads runs back from MLflow: give --target mlflow")
+    target, ca, verify_tls = _mlflow_target(args)
+    report = await verify(
+        args.manifests, target, concurrency=args.concurrency, ca_bundle=ca, verify_tls=verify_tls
+    )
+    for line in report.missing:
+        print(line, file=sys.stdout)
+    print(
+        f"batchlog: verify: {report.records:,} records: {report.complete:,} on the server, "
+        f"{len(report.missing):,} missing or different, {report.invalid:,} invalid lines",
+        file=out,
+    )
+    return report.exit_code
+
+
 async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -414,6 +496,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _validate(args, out)
         if args.command == "status":
             return _status(args, out)
+        if args.command == "verify":
+            return int(anyio.run(_verify, args, out))
         return int(anyio.run(_emulator, args, out))
     except ConfigurationError as exc:
         print(f"batchlog: error: {exc}", file=out)

@@ -10,17 +10,19 @@ Nothing in here prints; the CLI renders the counters and the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
 import anyio
 import anyio.abc
+import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchlog.deadletter import DeadLetter
@@ -41,7 +43,8 @@ from batchlog.records import Rejection
 from batchlog.report import Counters, Report, Status
 from batchlog.retry import NO_ANSWER, Answer
 from batchlog.settings import Settings, resolve_paths
-from batchlog.transport import Transport
+from batchlog.target import MlflowTarget
+from batchlog.transport import Transport, logged_models, model_identity
 from batchlog.validate import parse_line
 
 log = logging.getLogger("batchlog")
@@ -75,6 +78,8 @@ class Job:
         self._on_progress = on_progress
         self._rng = random.Random()
         self._gate: RateGate = make_gate(settings.rate, settings.adaptive)
+        self._reads_back = isinstance(settings.target, MlflowTarget)  # no retry tokens there
+        self._run_locks: dict[str, tuple[anyio.Lock, int]] = {}  # run -> (lock, users)
         self._inflight = asyncio.Semaphore(settings.concurrency)  # aiohttp runs on asyncio only
         self._draining = False  # a stop was requested: take no new work
         self._stop_status: Status | None = None
@@ -146,6 +151,7 @@ class Job:
                 concurrency=s.concurrency,
                 timeout=s.timeout,
                 ca_bundle=s.ca_bundle,
+                verify_tls=s.verify_tls,
                 user_principal=s.user_principal,
             ) as transport:
                 send, receive = anyio.create_memory_object_stream[Call](s.concurrency)
@@ -290,21 +296,27 @@ class Job:
 
     async def _process(self, call: Call, transport: Transport) -> None:
         s, c, policy = self.settings, self.counters, self.settings.retry
+        assert self._point is not None
         refreshed = False
         attempt = 0
+        # a log-model call to MLflow is not idempotent: before sending one that may already
+        # have been applied (sent before a crash, or answered by a timeout or a 5xx), read
+        # the run back and skip it if its model is there
+        check_first = self._reads_back and call.op == "log-model"
+        in_doubt = check_first and call.records[0].seq in self._point.doubt
         while True:
             attempt += 1
             await self._gate.acquire()
             c.rate = self._gate.rate
             if attempt == 1:
                 self._mark_sent(call)
-            async with self._inflight:
+            async with self._run_lock(call), self._inflight:
                 c.in_flight += 1
                 try:
-                    answer = await transport.send(call)
+                    answer = await self._attempt(call, transport, in_doubt)
                 finally:
                     c.in_flight -= 1
-            c.requests += 1
+            in_doubt = check_first and (in_doubt or answer.in_doubt)
             verdict = policy.verdict(answer)
             if verdict == "ok":
                 self._gate.on_success()
@@ -313,7 +325,7 @@ class Job:
             if answer.status == 429:
                 c.throttled += 1
                 self._gate.on_throttle(answer.retry_after)
-            if verdict == "unauthorized" and s.keys.refreshable and not refreshed:
+            if verdict == "unauthorized" and s.keys and s.keys.refreshable and not refreshed:
                 refreshed = True
                 await transport.refresh_credentials()
                 continue
@@ -331,6 +343,38 @@ class Job:
                 return
             self._permanent(call, answer, attempt)
             return
+
+    @contextlib.asynccontextmanager
+    async def _run_lock(self, call: Call) -> AsyncIterator[None]:
+        """MLflow appends a model to a run's history tag by read-modify-write: two log-model
+        calls for one run at once fail or lose one. They go one at a time per run."""
+        if not (self._reads_back and call.op == "log-model"):
+            yield
+            return
+        lock, users = self._run_locks.get(call.run_id, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._run_locks[call.run_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._run_locks[call.run_id]
+            if users == 1:
+                del self._run_locks[call.run_id]
+            else:
+                self._run_locks[call.run_id] = (lock, users - 1)
+
+    async def _attempt(self, call: Call, transport: Transport, in_doubt: bool) -> Answer:
+        if in_doubt:
+            run = await transport.get_run(call.run_id)
+            if run is None:
+                return Answer(NO_ANSWER, "ReadBackFailed", "could not read the run back")
+            ours = model_identity(orjson.loads(call.records[0].model_json))
+            if any(model_identity(m) == ours for m in logged_models(run)):
+                return Answer(200, "AlreadyLogged")
+        self.counters.requests += 1
+        return await transport.send(call)
 
     def _mark_sent(self, call: Call) -> None:
         assert self._journal is not None and self._point is not None

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from batchlog.records import Op, Record
-from batchlog.target import OciTarget
+from batchlog.target import Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ class Call:
     body_sha256: str  # base64 SHA-256 of body, for the x-content-sha256 header
 
 
-def make_call(target: OciTarget, records: tuple[Record, ...]) -> Call:
+def make_call(target: Target, records: tuple[Record, ...]) -> Call:
     first = records[0]
     doc: dict[str, Any] = {"run_id": first.run_id}
     if first.op == "log-inputs":
@@ -61,7 +61,7 @@ class Grouper:
 
     __slots__ = ("_datasets", "_limits", "_pending", "_size", "_target")
 
-    def __init__(self, target: OciTarget, limits: GroupLimits) -> None:
+    def __init__(self, target: Target, limits: GroupLimits) -> None:
         self._target = target
         self._limits = limits
         self._pending: list[Record] = []  # the open group, all log-inputs of one run
@@ -93,6 +93,6 @@ class Grouper:
             yield make_call(self._target, group)
 
 
-def split(target: OciTarget, call: Call) -> list[Call]:
+def split(target: Target, call: Call) -> list[Call]:
     """One call per record, for a merged call the server rejected as a whole."""
     return [make_call(target, (r,)) for r in call.records]

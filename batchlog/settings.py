@@ -10,19 +10,20 @@ from batchlog.manifest import STDIN
 from batchlog.plan import GroupLimits
 from batchlog.retry import RetryPolicy
 from batchlog.signing import KeySource
-from batchlog.target import OciTarget
+from batchlog.target import Target
 
 
 @dataclass(frozen=True)
 class Settings:
-    target: OciTarget
-    keys: KeySource
+    target: Target
+    keys: KeySource | None  # signs every request (OCI); None: the target does not sign
     concurrency: int = 32  # requests in flight at most
     rate: float | None = None  # requests per second at most (a ceiling when adaptive)
     adaptive: bool = True  # find the server's limit by itself
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout: float = 60.0  # seconds for one attempt
     ca_bundle: str | None = None
+    verify_tls: bool = True  # off only on request (MLFLOW_TRACKING_INSECURE_TLS)
     user_principal: str | None = None
     checkpoint: str | None = None  # default: next to the first manifest
     dead_letter: str | None = None  # default: next to the first manifest

@@ -1,8 +1,8 @@
-"""Where calls go: the Oracle AI Data Platform target (URL layout and identity)."""
+"""Where calls go: Oracle AI Data Platform or an MLflow server (URL layout and identity)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from batchlog.errors import ConfigurationError
@@ -35,6 +35,48 @@ class OciTarget:
             f"/{API_VERSION}/aiDataPlatforms/{quote(self.platform_id, safe='')}"
             f"/workspaces/{quote(self.workspace, safe='')}/mlops/api/2.0/mlflow/runs/{op}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class MlflowTarget:
+    """An open-source MLflow tracking server."""
+
+    endpoint: str  # scheme://host[:port] of the tracking URI
+    prefix: str = ""  # the tracking URI's path, if the server sits under one
+    authorization: str = field(default="", repr=False)  # Authorization header value, or ""
+    datasets_field: str = "datasets"  # MLflow's name for the datasets array in log-inputs
+
+    @property
+    def identity(self) -> str:
+        return f"mlflow/{self.endpoint}{self.prefix}"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.endpoint).netloc
+
+    def path(self, op: str) -> str:
+        return f"{self.prefix}/api/2.0/mlflow/runs/{op}"
+
+
+Target = OciTarget | MlflowTarget
+
+
+def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTarget:
+    if not tracking_uri:
+        raise ConfigurationError(
+            "--tracking-uri is required with --target mlflow (or set MLFLOW_TRACKING_URI)"
+        )
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"--tracking-uri {tracking_uri!r}: expected http(s)://HOST[:PORT][/PATH]"
+        )
+    if authorization and parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        raise ConfigurationError(
+            f"--tracking-uri {tracking_uri!r}: credentials are not sent over plain http "
+            "except on loopback; use https"
+        )
+    return MlflowTarget(f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"), authorization)
 
 
 def region_endpoint(region: str) -> str:

@@ -25,7 +25,7 @@ from yarl import URL
 from batchlog.plan import Call
 from batchlog.retry import NO_ANSWER, Answer, parse_retry_after
 from batchlog.signing import KeySource, sign_post
-from batchlog.target import OciTarget
+from batchlog.target import MlflowTarget, Target
 
 _MAX_MESSAGE = 500
 
@@ -112,12 +112,13 @@ class Transport:
 
     def __init__(
         self,
-        target: OciTarget,
-        keys: KeySource,
+        target: Target,
+        keys: KeySource | None,
         *,
         concurrency: int,
         timeout: float,
         ca_bundle: str | None = None,
+        verify_tls: bool = True,
         user_principal: str | None = None,
     ) -> None:
         self._target = target
@@ -125,6 +126,8 @@ class Transport:
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0))
         self._ca_bundle = ca_bundle
+        self._verify_tls = verify_tls
+        self._oci = isinstance(target, MlflowTarget) is False  # OCI: signed, with opc headers
         self._host = target.host  # the Host header, as signed
         self._fixed_headers = {  # sent with every request
             "content-type": "application/json",
@@ -132,8 +135,10 @@ class Transport:
             "host": self._host,
             "user-agent": "batchlog/0.1",
         }
-        if user_principal:
+        if user_principal and self._oci:
             self._fixed_headers["dh-user-principal"] = user_principal
+        if isinstance(target, MlflowTarget) and target.authorization:
+            self._fixed_headers["authorization"] = target.authorization
         self._urls = {
             op: URL(target.endpoint + target.path(op), encoded=True)
             for op in ("log-inputs", "log-model")
@@ -145,7 +150,9 @@ class Transport:
 
     async def __aenter__(self) -> Transport:
         ssl_ctx: ssl.SSLContext | bool = True
-        if self._ca_bundle:
+        if not self._verify_tls:
+            ssl_ctx = False
+        elif self._ca_bundle:
             ssl_ctx = ssl.create_default_context(cafile=self._ca_bundle)
         connector = aiohttp.TCPConnector(
             limit=self._concurrency, ssl=ssl_ctx, keepalive_timeout=60, enable_cleanup_closed=True
@@ -168,28 +175,31 @@ class Transport:
 
     async def refresh_credentials(self) -> None:
         assert self._signers is not None
-        await self._signers.run(self._keys.refresh)
+        if self._keys is not None:
+            await self._signers.run(self._keys.refresh)
 
     async def send(self, call: Call) -> Answer:
         """One attempt: sign now, post, and describe what came back. Never raises on HTTP."""
         assert self._session is not None and self._signers is not None
-        request_id = self._ids.next()
         headers = dict(self._fixed_headers)
-        headers["opc-request-id"] = request_id
-        headers["opc-retry-token"] = call.token
-        try:
-            signed = await self._signers.run(
-                sign_post,
-                self._keys,
-                self._paths[call.op],
-                self._host,
-                len(call.body),
-                call.body_sha256,
-            )
-        except Exception as exc:  # a principal token that cannot be fetched, a broken key
-            return Answer(NO_ANSWER, "SigningFailed", type(exc).__name__, request_id)
-        headers.update(signed)
-        headers["x-content-sha256"] = call.body_sha256
+        request_id = ""
+        if self._keys is not None:
+            request_id = self._ids.next()
+            headers["opc-request-id"] = request_id
+            headers["opc-retry-token"] = call.token
+            try:
+                signed = await self._signers.run(
+                    sign_post,
+                    self._keys,
+                    self._paths[call.op],
+                    self._host,
+                    len(call.body),
+                    call.body_sha256,
+                )
+            except Exception as exc:  # a principal token that cannot be fetched, a broken key
+                return Answer(NO_ANSWER, "SigningFailed", type(exc).__name__, request_id)
+            headers.update(signed)
+            headers["x-content-sha256"] = call.body_sha256
         try:
             async with self._session.post(
                 self._urls[call.op], data=call.body, headers=headers
@@ -210,6 +220,37 @@ class Transport:
             return Answer(NO_ANSWER, "Timeout", "no answer within the timeout", request_id)
         except aiohttp.ClientError as exc:
             return Answer(NO_ANSWER, type(exc).__name__, str(exc)[:_MAX_MESSAGE], request_id)
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """An MLflow run as runs/get returns it; None when it cannot be read now."""
+        assert self._session is not None and isinstance(self._target, MlflowTarget)
+        url = URL(self._target.endpoint + self._target.prefix + "/api/2.0/mlflow/runs/get")
+        headers = {k: v for k, v in self._fixed_headers.items() if k != "content-type"}
+        try:
+            async with self._session.get(url.with_query(run_id=run_id), headers=headers) as resp:
+                if resp.status != 200:
+                    return None
+                doc = orjson.loads(await resp.read())
+        except (asyncio.TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
+            return None
+        run = doc.get("run") if isinstance(doc, dict) else None
+        return run if isinstance(run, dict) else None
+
+
+def logged_models(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The models in an MLflow run's mlflow.log-model.history tag."""
+    for tag in run.get("data", {}).get("tags", []):
+        if tag.get("key") == "mlflow.log-model.history":
+            try:
+                models = orjson.loads(tag.get("value", "[]"))
+            except orjson.JSONDecodeError:
+                return []
+            return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+    return []
+
+
+def model_identity(model: dict[str, Any]) -> tuple[str, str]:
+    return str(model.get("artifact_path")), str(model.get("utc_time_created"))
 
 
 def _error_body(payload: bytes) -> tuple[str, str]:

@@ -1,0 +1,112 @@
+"""Read every run of a manifest back from an MLflow server: the proof a migration is complete.
+
+A log-inputs record is complete when each of its datasets (name and digest) is among the
+run's dataset inputs; a log-model record when its model (artifact path and creation time)
+is in the run's ``mlflow.log-model.history`` tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+import orjson
+
+from batchlog.manifest import check_readable, display_name, read_lines
+from batchlog.records import Record
+from batchlog.target import MlflowTarget
+from batchlog.transport import Transport, logged_models, model_identity
+from batchlog.validate import parse_line
+
+BATCH = 256  # records checked together (their runs are read concurrently)
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0
+    complete: int = 0
+    missing: list[str] = field(default_factory=list)  # "FILE:LINE: what is missing"
+    invalid: int = 0  # lines that are not valid records (batchlog validate names them)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if not self.missing and not self.invalid else 1
+
+
+async def verify(
+    manifests: list[str],
+    target: MlflowTarget,
+    *,
+    concurrency: int = 16,
+    timeout: float = 60.0,
+    ca_bundle: str | None = None,
+    verify_tls: bool = True,
+) -> VerifyReport:
+    check_readable(manifests)
+    report = VerifyReport()
+    async with Transport(
+        target,
+        None,
+        concurrency=concurrency,
+        timeout=timeout,
+        ca_bundle=ca_bundle,
+        verify_tls=verify_tls,
+    ) as transport:
+        batch: list[Record] = []
+        seq = 0
+        for index, path in enumerate(manifests):
+            name = display_name(path)
+            for line in read_lines(path, index):
+                item = parse_line(line.raw, seq, f"{name}:{line.number}")
+                seq += 1
+                if not isinstance(item, Record):
+                    report.invalid += 1
+                    continue
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    await _check(batch, transport, report, concurrency)
+                    batch = []
+        if batch:
+            await _check(batch, transport, report, concurrency)
+    return report
+
+
+async def _check(
+    batch: list[Record], transport: Transport, report: VerifyReport, concurrency: int
+) -> None:
+    runs: dict[str, dict[str, object] | None] = {}
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def fetch(run_id: str) -> None:
+        async with limiter:
+            runs[run_id] = await transport.get_run(run_id)
+
+    async with anyio.create_task_group() as tg:
+        for run_id in {r.run_id for r in batch}:
+            tg.start_soon(fetch, run_id)
+    for record in batch:
+        report.records += 1
+        problem = _missing(record, runs.get(record.run_id))
+        if problem:
+            report.missing.append(f"{record.source}: {problem}")
+        else:
+            report.complete += 1
+
+
+def _missing(record: Record, run: dict[str, object] | None) -> str:
+    if run is None:
+        return f"run {record.run_id} not found (or not readable)"
+    if record.op == "log-model":
+        ours = model_identity(orjson.loads(record.model_json))
+        if any(model_identity(m) == ours for m in logged_models(run)):
+            return ""
+        return f"model {ours[0]} of {ours[1]} not logged"
+    inputs = run.get("inputs")
+    logged = inputs.get("dataset_inputs", []) if isinstance(inputs, dict) else []
+    have = {(d.get("dataset", {}).get("name"), d.get("dataset", {}).get("digest")) for d in logged}
+    absent = [
+        d["dataset"]["name"]
+        for d in record.dataset_inputs
+        if (d["dataset"]["name"], d["dataset"]["digest"]) not in have
+    ]
+    return f"datasets not logged: {', '.join(absent)}" if absent else ""

@@ -1,0 +1,220 @@
+"""The MLflow target against a real `mlflow server` (sqlite, loopback), read back with MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from mlflow import MlflowClient
+
+from batchlog.journal import read_checkpoint
+from tests.conftest import run_cli, write_manifest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'db.sqlite'}",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "mlflow server did not start"
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def new_runs(uri: str, n: int) -> list[str]:
+    client = MlflowClient(uri)
+    exp = client.create_experiment(f"batchlog-{time.time_ns()}")
+    return [client.create_run(exp).info.run_id for _ in range(n)]
+
+
+def dataset(run: str, i: int) -> dict[str, Any]:
+    return {
+        "run_id": run,
+        "datasets": [
+            {
+                "dataset": {
+                    "name": f"ds-{i}",
+                    "digest": f"{i:08x}",
+                    "source": f"s3://b/{i}.parquet",
+                    "source_type": "s3",
+                    "schema": '{"mlflow_colspec": []}',
+                },
+                "tags": [{"key": "mlflow.data.context", "value": "training"}],
+            }
+        ],
+    }
+
+
+def model(run: str, i: int) -> dict[str, Any]:
+    return {
+        "op": "log-model",
+        "run_id": run,
+        "model_json": {
+            "artifact_path": f"model-{i}",
+            "flavors": {"python_function": {"python_version": "3"}},
+            "utc_time_created": f"2024-01-01 00:00:{i % 60:02d}.{i:06d}",
+            "run_id": run,
+        },
+    }
+
+
+def mlflow_args(uri: str, *rest: str) -> list[str]:
+    return ["upload", "--target", "mlflow", "--tracking-uri", uri, *rest]
+
+
+def history(client: MlflowClient, run: str) -> list[dict[str, Any]]:
+    tags = client.get_run(run).data.tags
+    models = json.loads(tags.get("mlflow.log-model.history", "[]"))
+    assert isinstance(models, list)
+    return models
+
+
+def test_datasets_and_models_land_exactly_as_in_the_manifest(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    runs = new_runs(mlflow_uri, 4)
+    records: list[dict[str, Any]] = []
+    for r, run in enumerate(runs):
+        records += [dataset(run, r * 10 + j) for j in range(5)]  # merged into one request
+        records += [model(run, r * 10 + j) for j in range(2)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    out = run_cli([*mlflow_args(mlflow_uri, str(manifest)), "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 0, out.stderr
+    assert orjson.loads((tmp_path / "r.json").read_bytes())["requests"] == 4 + 8
+
+    client = MlflowClient(mlflow_uri)
+    for r, run in enumerate(runs):
+        got = client.get_run(run)
+        inputs = {
+            (
+                d.dataset.name,
+                d.dataset.digest,
+                d.dataset.source,
+                d.dataset.source_type,
+                tuple((t.key, t.value) for t in d.tags),
+            )
+            for d in got.inputs.dataset_inputs
+        }
+        assert inputs == {
+            (
+                f"ds-{i}",
+                f"{i:08x}",
+                f"s3://b/{i}.parquet",
+                "s3",
+                (("mlflow.data.context", "training"),),
+            )
+            for i in range(r * 10, r * 10 + 5)
+        }
+        models = history(client, run)
+        assert sorted(m["artifact_path"] for m in models) == [
+            f"model-{r * 10}",
+            f"model-{r * 10 + 1}",
+        ]
+
+    ok = run_cli(["verify", "--target", "mlflow", "--tracking-uri", mlflow_uri, str(manifest)])
+    assert ok.returncode == 0, ok.stderr
+    assert "28 on the server, 0 missing" in ok.stderr
+
+    extra = write_manifest(
+        tmp_path / "more.jsonl", [*records, dataset(runs[0], 999), model(runs[1], 998)]
+    )
+    missing = run_cli(["verify", "--target", "mlflow", "--tracking-uri", mlflow_uri, str(extra)])
+    assert missing.returncode == 1
+    assert f"{extra}:29: datasets not logged: ds-999" in missing.stdout
+    assert f"{extra}:30: model model-998" in missing.stdout
+
+
+def test_unknown_run_goes_to_the_dead_letter(tmp_path: Path, mlflow_uri: str) -> None:
+    runs = new_runs(mlflow_uri, 2)
+    records = [dataset(runs[0], 1), model(runs[0], 1), dataset("0" * 32, 2), dataset(runs[1], 3)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    out = run_cli(mlflow_args(mlflow_uri, str(manifest)))
+    assert out.returncode == 1, out.stderr
+    dead = [orjson.loads(x) for x in (tmp_path / "m.dead-letter.jsonl").read_bytes().splitlines()]
+    assert [d["run_id"] for d in dead] == ["0" * 32]
+    assert dead[0]["_error"]["code"] == "RESOURCE_DOES_NOT_EXIST"
+    assert len(MlflowClient(mlflow_uri).get_run(runs[1]).inputs.dataset_inputs) == 1
+
+
+def test_kill_midway_and_resume_logs_no_model_twice(tmp_path: Path, mlflow_uri: str) -> None:
+    runs = new_runs(mlflow_uri, 100)
+    records = [model(run, r * 10 + j) for r, run in enumerate(runs) for j in range(4)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*mlflow_args(mlflow_uri, str(manifest)), "--concurrency", "16"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OCI_", "MLFLOW_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchlog", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = tmp_path / "m.batchlog-checkpoint"
+    deadline = time.monotonic() + 60
+    while True:  # kill once some models are journaled and others are in flight
+        if ckpt.exists() and read_checkpoint(str(ckpt))[1].finished >= 60:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    _, point = read_checkpoint(str(ckpt))
+    assert point.finished < len(records)
+    assert point.doubt  # calls were in flight: the resume reads their runs back first
+
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    client = MlflowClient(mlflow_uri)
+    for r, run in enumerate(runs):
+        logged = sorted(m["artifact_path"] for m in history(client, run))
+        assert logged == [f"model-{r * 10 + j}" for j in range(4)], (run, logged)
+    ok = run_cli(["verify", "--target", "mlflow", "--tracking-uri", mlflow_uri, str(manifest)])
+    assert ok.returncode == 0, ok.stdout
