@@ -31,7 +31,7 @@ def free_port() -> int:
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
+    log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
         [
             sys.executable,
