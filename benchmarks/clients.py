@@ -60,11 +60,23 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (ru_maxrss would include the parent's, kept over exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     cpu0, t0 = cpu(), time.perf_counter()
     result = run()
     elapsed, used = time.perf_counter() - t0, cpu() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {**result, "elapsed_s": elapsed, "cpu_s": used, "peak_rss_mb": peak}
 
 
@@ -76,11 +88,17 @@ def run_batchlog(a: argparse.Namespace) -> dict[str, Any]:
 
     import batchlog
     from batchlog.auth import load_credentials
+    from batchlog.target import mlflow_target
 
-    creds = load_credentials("api_key", a.config, "DEFAULT")
+    if a.mlflow:
+        target: Any = mlflow_target(a.url)
+        keys = None
+    else:
+        target = batchlog.OciTarget(a.url, a.platform, a.workspace)
+        keys = load_credentials("api_key", a.config, "DEFAULT").keys
     settings = batchlog.Settings(
-        target=batchlog.OciTarget(a.url, a.platform, a.workspace),
-        keys=creds.keys,
+        target=target,
+        keys=keys,
         concurrency=a.concurrency,
         checkpoint=a.checkpoint or os.path.join(a.workdir, f"bench-{uuid.uuid4().hex}.ckpt"),
         dead_letter=os.path.join(a.workdir, "bench.dead.jsonl"),
@@ -231,11 +249,61 @@ def run_requests(a: argparse.Namespace) -> dict[str, Any]:
     return measure(go)
 
 
+# ---- MlflowClient, in a loop or in threads --------------------------------------------------
+
+
+def run_mlflow(a: argparse.Namespace, threads: int) -> dict[str, Any]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.models import Model
+
+    client = MlflowClient(a.url)
+    records = load(a.manifest)
+
+    def one(rec: tuple[str, dict[str, Any]]) -> bool:
+        op, body = rec
+        try:
+            if op == "log-inputs":
+                inputs = [
+                    DatasetInput(
+                        Dataset(
+                            d["dataset"]["name"],
+                            d["dataset"]["digest"],
+                            d["dataset"]["source_type"],
+                            d["dataset"]["source"],
+                            d["dataset"].get("schema"),
+                            d["dataset"].get("profile"),
+                        ),
+                        [InputTag(t["key"], t["value"]) for t in d.get("tags", [])],
+                    )
+                    for d in body["dataset_inputs"]
+                ]
+                client.log_inputs(body["run_id"], inputs)
+            else:
+                model = Model.from_dict(orjson.loads(body["model_json"]))
+                client._record_logged_model(body["run_id"], model)
+            return True
+        except Exception:
+            return False
+
+    def go() -> dict[str, Any]:
+        if threads <= 1:
+            ok = sum(one(r) for r in records)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                ok = sum(pool.map(one, records))
+        return {"records": len(records), "ok": ok}
+
+    return measure(go)
+
+
 RUNNERS = {
     "batchlog": run_batchlog,
     "asyncbase": run_asyncbase,
     "mlopsclient": run_mlopsclient,
     "requests": run_requests,
+    "mlflow-loop": lambda a: run_mlflow(a, 1),
+    "mlflow-threads": lambda a: run_mlflow(a, a.concurrency),
 }
 
 
@@ -244,7 +312,7 @@ def main() -> None:
     p.add_argument("client", choices=sorted(RUNNERS))
     p.add_argument("--url", required=True)
     p.add_argument("--manifest", required=True)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", default="")
     p.add_argument("--platform", default="ocid1.aidataplatform.oc1..bench")
     p.add_argument("--workspace", default="bench")
     p.add_argument("--concurrency", type=int, default=64)
@@ -252,6 +320,7 @@ def main() -> None:
     p.add_argument("--workdir", default=".")
     p.add_argument("--checkpoint")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--mlflow", action="store_true", help="batchlog: the URL is an MLflow server")
     a = p.parse_args()
     result = RUNNERS[a.client](a)
     result["client"] = a.client

@@ -10,6 +10,7 @@ Scenarios:
   throttled   20% of requests answered 429 once, 20 ms: batchlog and AsyncBaseClient
   merging     many datasets per run: batchlog with and without merging
   memory      1,000,000 records: peak RSS of an upload, then of a resume
+  mlflow      a real `mlflow server`: batchlog beside MlflowClient in a loop and in threads
 """
 
 from __future__ import annotations
@@ -291,6 +292,145 @@ def memory(work: Workdir, n: int, out: list[str]) -> None:
     out.append("")
 
 
+class MlflowServer:
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.log = open(root / "mlflow.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'ml.db'}",
+                "--default-artifact-root",
+                str(root / "art"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def mlflow_scenario(work: Workdir, runs: int, out: list[str], per_run: int = 50) -> None:
+    from mlflow import MlflowClient
+
+    server = MlflowServer(work.root)
+    rows = {}
+    try:
+        client_api = MlflowClient(server.url)
+        for name in ("batchlog", "mlflow-loop", "mlflow-threads"):
+            exp = client_api.create_experiment(f"bench-{name}")
+            ids = [client_api.create_run(exp).info.run_id for _ in range(runs)]
+            path = work.root / f"mlflow-{name}.jsonl"
+            with open(path, "wb") as f:
+                for r, run in enumerate(ids):
+                    for j in range(per_run):
+                        i = r * 1000 + j
+                        f.write(
+                            orjson.dumps(
+                                {
+                                    "run_id": run,
+                                    "datasets": [
+                                        {
+                                            "dataset": {
+                                                "name": f"dataset-{i}",
+                                                "digest": f"{i:016x}",
+                                                "source": f"s3://bucket/{i}.parquet",
+                                                "source_type": "s3",
+                                            },
+                                            "tags": [
+                                                {"key": "mlflow.data.context", "value": "training"}
+                                            ],
+                                        }
+                                    ],
+                                }
+                            )
+                            + b"\n"
+                        )
+                    f.write(
+                        orjson.dumps(
+                            {
+                                "run_id": run,
+                                "model_json": {
+                                    "artifact_path": "model",
+                                    "flavors": {"python_function": {}},
+                                    "utc_time_created": f"2024-01-01 00:00:00.{r:06d}",
+                                    "run_id": run,
+                                },
+                            }
+                        )
+                        + b"\n"
+                    )
+            extra = ["--mlflow"] if name == "batchlog" else []
+            cmd = [
+                PY,
+                str(HERE / "clients.py"),
+                name,
+                "--url",
+                server.url,
+                "--manifest",
+                str(path),
+                "--workdir",
+                str(work.root),
+                "--concurrency",
+                "16",
+                *extra,
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+            rows[name] = orjson.loads(done.stdout.strip().splitlines()[-1])
+            debug.append(orjson.dumps(rows[name]).decode())
+    finally:
+        server.close()
+    n = runs * (per_run + 1)
+    out.append(
+        f"### Real `mlflow server` (sqlite, 1 worker): {runs} runs, {n:,} records "
+        f"({per_run} datasets and 1 model per run), 16 in flight\n"
+    )
+    out.append("| client | records/s | batchlog is | requests | records landed |")
+    out.append("| --- | ---: | ---: | ---: | ---: |")
+    labels = {
+        "batchlog": "batchlog --target mlflow",
+        "mlflow-loop": "MlflowClient.log_inputs / log_model, a loop",
+        "mlflow-threads": "MlflowClient.log_inputs / log_model, 16 threads",
+    }
+    ours = rate(rows["batchlog"])
+    for name, r in rows.items():
+        ratio = "" if name == "batchlog" else f"{ours / rate(r):.1f}x"
+        reqs = r.get("requests", r["records"])
+        out.append(
+            f"| {labels[name]} | {rate(r):,.0f} | {ratio} | {reqs:,} | "
+            f"{r['ok']:,}/{r['records']:,} |"
+        )
+    out.append("")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
@@ -298,11 +438,11 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        choices=["throughput", "ratelimit", "throttled", "merging", "memory"],
+        choices=["throughput", "ratelimit", "throttled", "merging", "memory", "mlflow"],
     )
     p.add_argument("--markdown", help="also write the tables to this file")
     a = p.parse_args()
-    only = set(a.only or ["throughput", "ratelimit", "throttled", "merging", "memory"])
+    only = set(a.only or ["throughput", "ratelimit", "throttled", "merging", "memory", "mlflow"])
     q = a.quick
     out = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
@@ -317,6 +457,7 @@ def main() -> None:
             ("throttled", lambda: throttled(work, 300 if q else 1000, out)),
             ("merging", lambda: merging(work, 2000 if q else 20000, out)),
             ("memory", lambda: memory(work, 100_000 if q else 1_000_000, out)),
+            ("mlflow", lambda: mlflow_scenario(work, 10 if q else 40, out)),
         ]
         for name, step in steps:
             if name in only:
