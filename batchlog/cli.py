@@ -331,7 +331,7 @@ class _Progress:
     def __init__(self, out: TextIO) -> None:
         self._out = out
         self._tty = out.isatty()
-        self._last = 0.0
+        self._last = time.monotonic()  # the first line after one interval, not at once
 
     def __call__(self, c: Counters) -> None:
         now = time.monotonic()
@@ -341,15 +341,26 @@ class _Progress:
         elapsed = max(now - c.started, 1e-9)
         done = c.succeeded + c.failed + c.rejected
         rate = "" if math.isinf(c.rate) else f" limit {c.rate:.0f}/s"
+        eta = c.eta()
+        left = "" if eta is None else f", ETA {_duration(eta)}"
         line = (
             f"{c.finished:,} done ({c.succeeded:,} ok, {c.failed:,} failed, "
             f"{c.rejected:,} rejected, {c.skipped:,} skipped) {done / elapsed:,.0f} rec/s "
-            f"{c.throttled:,} throttled{rate} {c.in_flight} in flight"
+            f"{c.throttled:,} throttled{rate} {c.in_flight} in flight{left}"
         )
         if self._tty:
             print("\r\033[K" + line, end="", file=self._out, flush=True)
         else:
             print("batchlog: " + line, file=self._out, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def _print_report(r: Report, out: TextIO) -> None:

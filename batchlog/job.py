@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -74,7 +75,10 @@ class Job:
         self.manifests = manifests
         self.settings = settings
         self.checkpoint_path, self.dead_letter_path = resolve_paths(settings, manifests)
-        self.counters = Counters()
+        self._sizes = _sizes(manifests)  # bytes of each manifest, None if unknown (.gz, stdin)
+        self.counters = Counters(
+            bytes_total=None if None in self._sizes else sum(self._sizes)  # type: ignore[arg-type]
+        )
         self._on_progress = on_progress
         self._rng = random.Random()
         self._gate: RateGate = make_gate(settings.rate, settings.adaptive)
@@ -94,6 +98,7 @@ class Job:
         self._outer: anyio.abc.TaskGroup | None = None  # flush, progress, timers
         self._producer_scope: anyio.CancelScope | None = None
         self._flush_lock = anyio.Lock()
+        self._flushed = anyio.Event()  # set when what was journaled before it is on disk
         self._point: ResumePoint | None = None  # where the checkpoint says the job stands
 
     # ---- control -------------------------------------------------------------------------
@@ -223,7 +228,9 @@ class Job:
                             (point.at[1], point.at[2]) if index == point.at[0] else (0, 1)
                         )
                         name = display_name(path)
+                        before = sum(size or 0 for size in self._sizes[:index])
                         async for line in _lines(path, index, offset, first):
+                            c.bytes_read = before + line.end
                             h = line_hash(line.raw)
                             mark = Mark(index, line.start, line.end, line.number, h)
                             item = parse_line(line.raw, seq, f"{name}:{line.number}")
@@ -310,6 +317,10 @@ class Job:
             c.rate = self._gate.rate
             if attempt == 1:
                 self._mark_sent(call)
+                if check_first:
+                    # not idempotent: journal it as in doubt before it goes out, so that a
+                    # crash at any moment leaves a resume that reads the run back first
+                    await self._flushed.wait()
             async with self._run_lock(call), self._inflight:
                 c.in_flight += 1
                 try:
@@ -488,6 +499,7 @@ class Job:
     async def _flush(self) -> None:
         assert self._journal is not None and self._dead is not None
         async with self._flush_lock:
+            written, self._flushed = self._flushed, anyio.Event()
             dead_data = self._dead.pending_bytes()
             journal_data = self._journal.pending_bytes()
             try:
@@ -496,6 +508,8 @@ class Job:
                 )
             except BatchlogError as exc:
                 self._fail_job("failed", str(exc))
+                return  # waiters stay blocked: nothing is sent that was not journaled
+            written.set()
 
     async def _progress_loop(self) -> None:
         if self._on_progress is None:
@@ -539,6 +553,16 @@ class _AsyncLines:
 
 def _take(lines: Iterator[Line]) -> list[Line]:
     return list(islice(lines, READ_BATCH))
+
+
+def _sizes(manifests: list[str]) -> list[int | None]:
+    out: list[int | None] = []
+    for path in manifests:
+        if path == STDIN or path.endswith(".gz"):
+            out.append(None)
+        else:
+            out.append(os.path.getsize(path))
+    return out
 
 
 def _head(path: str) -> dict[str, object]:

@@ -60,7 +60,8 @@ class AdaptiveRate:
     slowly to follow a limit that rises. If they did not, they are not caused by our rate
     (some servers throttle a share of requests at any rate): the rate is restored and that
     share becomes the background. Once a limit is known, going over it again costs no
-    probe: the rate drops straight to just under the newly measured limit.
+    probe: the rate drops straight to just under the newly measured limit, unless that is
+    far below the known one (429s of another kind, which must not ratchet the rate down).
     """
 
     __slots__ = (
@@ -151,7 +152,8 @@ class AdaptiveRate:
         bg = self._background
         noise = 3.0 * math.sqrt(bg * (1.0 - bg) / events)  # sampling noise of the background
         over = self._throttled > 0 and share > bg + self.MARGIN + noise
-        due = elapsed >= window and (events >= self.MIN_EVENTS or elapsed >= 4 * window)
+        patience = 16 if self._probe is not None else 4  # a probe's verdict needs evidence
+        due = elapsed >= window and (events >= self.MIN_EVENTS or elapsed >= patience * window)
         quick = over and self._throttled >= self.QUICK_THROTTLES and not self._settling
         if not (due or quick):
             return
@@ -164,22 +166,28 @@ class AdaptiveRate:
         probe, self._probe = self._probe, None
         if probe is not None:
             before, probe_share, slow_start, probe_accepted = probe
-            if over and share > 0.5 * probe_share:
-                self._background = share  # not our doing: restore the rate
+            # well under any limit now: the 429s left are the background, whatever else
+            self._background = share
+            if share > 0.5 * probe_share:  # they did not go away: not our doing
                 self._slow_start = slow_start
                 self._set(before)
             else:
                 self._found(probe_accepted)
-        elif over and self._limit is not None and self.rate >= 0.9 * self._limit:
-            self._found(accepted)
+        elif (
+            over
+            and self._limit is not None
+            and self.rate >= 0.9 * self._limit
+            and accepted >= 0.8 * self._limit
+        ):
+            self._found(accepted)  # the known limit again: re-measured, no probe needed
         elif over:
             self._probe = (self.rate, share, self._slow_start, accepted)
             self._slow_start = False
             self._settling = True
             self._set(min(self.rate, accepted) * self.PROBE)
         else:
-            if share < bg:
-                self._background = 0.8 * bg + 0.2 * share
+            if self._limit is None or self.rate < 0.95 * self._limit:  # surely under it
+                self._background = 0.9 * bg + 0.1 * share  # follows a background that moves
             if events >= 0.8 * self.rate * elapsed:  # the rate is in use: it may be what binds
                 self._quiet += 1
                 if self._slow_start:

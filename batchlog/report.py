@@ -30,7 +30,20 @@ class Counters:
     throttled: int = 0  # attempts answered 429
     in_flight: int = 0  # requests awaiting an answer now
     rate: float = math.inf  # the rate limit in force, requests per second
+    bytes_total: int | None = None  # size of the manifests, when known (not .gz or stdin)
+    bytes_read: int = 0  # how far the reader is through them
     started: float = field(default_factory=time.monotonic)
+
+    def eta(self) -> float | None:
+        """Seconds left, estimated from the bytes read and the pace of this run."""
+        if not self.bytes_total or not self.bytes_read:
+            return None
+        done_here = self.succeeded + self.failed + self.rejected
+        elapsed = time.monotonic() - self.started
+        if not done_here or elapsed <= 0:
+            return None
+        expected = self.records * self.bytes_total / self.bytes_read
+        return max(0.0, expected - self.finished) / (done_here / elapsed)
 
     @property
     def finished(self) -> int:

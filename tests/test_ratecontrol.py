@@ -1,0 +1,96 @@
+"""The adaptive rate against simulated servers, on a simulated clock (no sleeping)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from batchlog import ratecontrol
+from batchlog.ratecontrol import AdaptiveRate
+
+CAPACITY = 3200.0  # what the client could send anyway: 64 in flight, 20 ms latency
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(
+    monkeypatch: pytest.MonkeyPatch,
+    seconds: float,
+    limit: float | None = None,
+    random_429: float = 0.0,
+    ceiling: float | None = None,
+    seed: int = 1,
+) -> tuple[AdaptiveRate, list[tuple[float, int, int]]]:
+    """Send at the controller's rate for ``seconds``; a token bucket (limit, burst limit/10)
+    and/or a share of random 429s answer. Returns the controller and per-second
+    (rate, successes, 429s)."""
+    clock = Clock()
+    monkeypatch.setattr(ratecontrol.time, "monotonic", clock)
+    rng = random.Random(seed)
+    ctl = AdaptiveRate(ceiling=ceiling)
+    level = burst = (limit or 0) / 10
+    credit = 0.0
+    dt = 0.001
+    seconds_log: list[tuple[float, int, int]] = []
+    ok = bad = 0
+    next_mark = clock.now + 1
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += dt
+        if limit:
+            level = min(burst, level + limit * dt)
+        credit += min(ctl.rate, CAPACITY) * dt
+        while credit >= 1:
+            credit -= 1
+            if rng.random() < random_429 or (limit and level < 1):
+                bad += 1
+                ctl.on_throttle(None)
+            else:
+                if limit:
+                    level -= 1
+                ok += 1
+                ctl.on_success()
+        if clock.now >= next_mark:
+            seconds_log.append((ctl.rate, ok, bad))
+            ok = bad = 0
+            next_mark += 1
+    return ctl, seconds_log
+
+
+@pytest.mark.parametrize("limit", [50, 150, 500, 2000])
+def test_finds_an_unknown_limit_and_stays_just_under_it(
+    monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    ctl, log = simulate(monkeypatch, 60, limit=limit)
+    steady = log[10:]
+    ok = sum(s for _, s, _ in steady)
+    bad = sum(b for _, _, b in steady)
+    assert ok / (len(steady) * limit) >= 0.95  # at least 95% of the limit
+    assert bad / (ok + bad) <= 0.02  # at most 2% of requests throttled
+    assert ctl.limit is not None and 0.9 * limit <= ctl.limit <= 1.1 * limit
+
+
+def test_random_429s_do_not_drag_the_rate_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl, _ = simulate(monkeypatch, 30, random_429=0.2)
+    assert ctl.rate > 1000  # kept growing: the 429s were recognised as background
+    assert ctl.limit is None
+
+
+def test_random_429s_under_a_real_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, log = simulate(monkeypatch, 60, limit=300, random_429=0.1)
+    steady = log[15:]
+    ok = sum(s for _, s, _ in steady) / len(steady)
+    assert ok >= 0.9 * 300
+
+
+def test_never_exceeds_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl, log = simulate(monkeypatch, 20, ceiling=120)
+    assert max(rate for rate, _, _ in log) <= 120
+    assert ctl.rate == 120
