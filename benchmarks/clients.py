@@ -297,8 +297,19 @@ def run_mlflow(a: argparse.Namespace, threads: int) -> dict[str, Any]:
     return measure(go)
 
 
+def run_batchlog_nojournal(a: argparse.Namespace) -> dict[str, Any]:
+    """batchlog with the checkpoint's writes and fsyncs turned off: what journaling costs."""
+    from batchlog.deadletter import DeadLetter
+    from batchlog.journal import Journal
+
+    Journal.write = lambda self, data: None  # type: ignore[method-assign]
+    DeadLetter.write = lambda self, data: None  # type: ignore[method-assign]
+    return run_batchlog(a)
+
+
 RUNNERS = {
     "batchlog": run_batchlog,
+    "batchlog-nojournal": run_batchlog_nojournal,
     "asyncbase": run_asyncbase,
     "mlopsclient": run_mlopsclient,
     "requests": run_requests,

@@ -208,3 +208,33 @@ def test_calls_in_doubt_for_over_24_hours_are_named_on_resume(
     assert len(named) == len(doc["doubt"])
     assert all(str(manifest) in source for source in named)
     assert_exactly_once(emu, records)  # this emulator still remembers the tokens
+
+
+def test_a_second_signal_stops_at_once_and_the_journal_stays_valid(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=3.0)
+    records = mixed_records(200, runs=200)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", "16", "--grace", "60"]
+    proc = start_cli(args)
+    deadline = time.monotonic() + 30
+    while len(emu.state.retry_tokens) < 16:  # requests in flight, answers 3 s away
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 2.5  # not the 60 s grace, nor the 3 s answers
+    assert proc.returncode == 130, err
+    read_checkpoint(str(tmp_path / "m.batchlog-checkpoint"))  # still a valid checkpoint
+    time.sleep(3.5)  # the server finishes what it was handling
+    fast = emulator()
+    for token, reply in emu.state.replies.items():  # the same server state, answered fast
+        fast.state.replies[token] = reply
+    fast.state.effects.extend(emu.state.effects)
+    out = run_cli(upload_args(oci, fast, str(manifest)))
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(fast, records)

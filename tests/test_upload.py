@@ -11,6 +11,7 @@ import orjson
 
 from batchlog.emulator import EmulatorThread
 from tests.conftest import (
+    KEY_ID,
     PLATFORM,
     WORKSPACE,
     Oci,
@@ -310,3 +311,53 @@ def test_secrets_never_appear_in_outputs(tmp_path: Path, oci: Oci, emulator: Sta
         assert key_body not in blob
         assert signature.encode() not in blob
         assert b"Signature version" not in blob
+
+
+def test_principal_refreshes_its_token_once_on_401(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    import anyio
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    import batchlog
+
+    class ExpiringToken:
+        """A principal whose first token the server no longer accepts."""
+
+        refreshable = True
+
+        def __init__(self) -> None:
+            self.refreshes = 0
+            self.stale = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+        def current(self) -> tuple[str, rsa.RSAPrivateKey]:
+            return KEY_ID, (oci.key if self.refreshes else self.stale)
+
+        def refresh(self) -> None:
+            self.refreshes += 1
+
+    emu = emulator()
+    records = mixed_records(40, runs=40)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    keys = ExpiringToken()
+    settings = batchlog.Settings(
+        target=batchlog.OciTarget(emu.url, PLATFORM, WORKSPACE),
+        keys=keys,
+        concurrency=4,
+    )
+    report = anyio.run(batchlog.upload, [str(manifest)], settings)
+    assert report.succeeded == 40 and report.exit_code == 0
+    assert 1 <= keys.refreshes <= 4  # once per call that met the stale token, at most
+    assert_exactly_once(emu, records)
+
+
+def test_a_key_file_readable_by_others_gets_a_warning(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    (tmp_path / "oci_api_key.pem").chmod(0o644)
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(3))
+    out = run_cli([*upload_args(oci, emu, str(manifest)), "--dry-run"])
+    assert out.returncode == 0, out.stderr
+    assert "readable by others" in out.stderr and "chmod 600" in out.stderr
+    assert sum(emu.state.statuses.values()) == 0
