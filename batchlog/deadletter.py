@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from batchlog import durable
 from batchlog.errors import DeadLetterError
 
 
@@ -55,12 +56,8 @@ class DeadLetter:
 
     def write(self, data: bytes) -> None:
         """Append and fsync (blocking: call from a thread)."""
-        if not data:
-            return
         try:
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            durable.append(self._file, data)
         except OSError as exc:
             raise DeadLetterError(
                 f"cannot write dead-letter file {self.path}: {exc.strerror or exc}; "
@@ -68,7 +65,4 @@ class DeadLetter:
             ) from None
 
     def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        durable.close_quietly(self._file)

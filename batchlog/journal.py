@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from batchlog import durable
 from batchlog.errors import CheckpointError
 
 log = logging.getLogger("batchlog")
@@ -178,12 +179,8 @@ class Journal:
 
     def write(self, data: bytes) -> None:
         """Append and fsync (blocking: call from a thread)."""
-        if not data:
-            return
         try:
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            durable.append(self._file, data)
         except OSError as exc:
             raise CheckpointError(
                 f"cannot write checkpoint {self.path}: {exc.strerror or exc}; "
@@ -192,10 +189,7 @@ class Journal:
             ) from None
 
     def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        durable.close_quietly(self._file)
 
 
 def header_doc(
