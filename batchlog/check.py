@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import orjson
 
 from batchlog.journal import line_hash, read_checkpoint
-from batchlog.manifest import STDIN, check_readable, display_name, read_lines
+from batchlog.manifest import STDIN, check_readable, read_lines
 from batchlog.plan import Grouper, GroupLimits
 from batchlog.records import Rejection
 from batchlog.target import OciTarget
-from batchlog.validate import parse_line
+from batchlog.validate import parse_manifests
 
 
 @dataclass(frozen=True)
@@ -30,18 +30,13 @@ def check_manifests(
     check_readable(manifests)
     grouper = Grouper(OciTarget("http://127.0.0.1", "check", "check"), grouping or GroupLimits())
     records = rejected = calls = 0
-    seq = 0
-    for index, path in enumerate(manifests):
-        name = display_name(path)
-        for line in read_lines(path, index):
-            item = parse_line(line.raw, seq, f"{name}:{line.number}")
-            seq += 1
-            records += 1
-            if isinstance(item, Rejection):
-                rejected += 1
-                on_rejection(item)
-                continue
-            calls += sum(1 for _ in grouper.add(item))
+    for item in parse_manifests(manifests):
+        records += 1
+        if isinstance(item, Rejection):
+            rejected += 1
+            on_rejection(item)
+            continue
+        calls += sum(1 for _ in grouper.add(item))
     calls += sum(1 for _ in grouper.flush())
     return CheckSummary(records, rejected, calls)
 

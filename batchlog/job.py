@@ -76,9 +76,8 @@ class Job:
         self.settings = settings
         self.checkpoint_path, self.dead_letter_path = resolve_paths(settings, manifests)
         self._sizes = _sizes(manifests)  # bytes of each manifest, None if unknown (.gz, stdin)
-        self.counters = Counters(
-            bytes_total=None if None in self._sizes else sum(self._sizes)  # type: ignore[arg-type]
-        )
+        known = [size for size in self._sizes if size is not None]
+        self.counters = Counters(bytes_total=sum(known) if len(known) == len(self._sizes) else None)
         self._on_progress = on_progress
         self._rng = random.Random()
         self._gate: RateGate = make_gate(settings.rate, settings.adaptive)

@@ -6,6 +6,7 @@ Pure functions, no I/O: every rule of the README's manifest format lives here.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -18,6 +19,7 @@ from batchlog.limits import (
     TAG_KEY_MAX,
     TAG_VALUE_MAX,
 )
+from batchlog.manifest import display_name, read_lines
 from batchlog.records import OPS, Op, Record, Rejection
 
 RECORD_FIELDS = ("op", "run_id", "dataset_inputs", "datasets", "model_json")
@@ -33,6 +35,16 @@ class Invalid(Exception):
         super().__init__(field, reason)
         self.field = field
         self.reason = reason
+
+
+def parse_manifests(manifests: list[str]) -> Iterator[Record | Rejection]:
+    """Every non-blank line of the manifests, in order, parsed (no resume, no skipping)."""
+    seq = 0
+    for index, path in enumerate(manifests):
+        name = display_name(path)
+        for line in read_lines(path, index):
+            yield parse_line(line.raw, seq, f"{name}:{line.number}")
+            seq += 1
 
 
 def parse_line(raw: bytes, seq: int, source: str) -> Record | Rejection:

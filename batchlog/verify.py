@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import anyio
 import orjson
 
-from batchlog.manifest import check_readable, display_name, read_lines
+from batchlog.manifest import check_readable
 from batchlog.records import Record
 from batchlog.target import MlflowTarget
 from batchlog.transport import Transport, logged_models, model_identity
-from batchlog.validate import parse_line
+from batchlog.validate import parse_manifests
 
 BATCH = 256  # records checked together (their runs are read concurrently)
 
@@ -53,19 +53,14 @@ async def verify(
         verify_tls=verify_tls,
     ) as transport:
         batch: list[Record] = []
-        seq = 0
-        for index, path in enumerate(manifests):
-            name = display_name(path)
-            for line in read_lines(path, index):
-                item = parse_line(line.raw, seq, f"{name}:{line.number}")
-                seq += 1
-                if not isinstance(item, Record):
-                    report.invalid += 1
-                    continue
-                batch.append(item)
-                if len(batch) >= BATCH:
-                    await _check(batch, transport, report, concurrency)
-                    batch = []
+        for item in parse_manifests(manifests):
+            if not isinstance(item, Record):
+                report.invalid += 1
+                continue
+            batch.append(item)
+            if len(batch) >= BATCH:
+                await _check(batch, transport, report, concurrency)
+                batch = []
         if batch:
             await _check(batch, transport, report, concurrency)
     return report
