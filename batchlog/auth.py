@@ -82,10 +82,15 @@ def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
                 f"OCI config {config_file} [{profile}]: security_token_file is missing "
                 "(run 'oci session authenticate')"
             )
-        with open(os.path.expanduser(token_file), encoding="utf-8") as f:
-            token = f.read().strip()
+        token_path = os.path.expanduser(token_file)
+        token = _read_token(token_path)
+        if not token:
+            raise ConfigurationError(
+                f"OCI config {config_file} [{profile}]: the security token file {token_file} "
+                "is empty (run 'oci session authenticate')"
+            )
         key = oci.signer.load_private_key_from_file(key_file, config.get("pass_phrase"))
-        return Credentials(StaticKey(f"ST${token}", key), config.get("region"))
+        return Credentials(SessionTokenKeys(token_path, token, key), config.get("region"))
     except ConfigurationError:
         raise
     except oci.exceptions.InvalidConfig as exc:  # names the bad fields, never their values
@@ -95,6 +100,58 @@ def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
             f"OCI config {config_file} [{profile}]: cannot load the signing key "
             f"({type(exc).__name__})"
         ) from None
+
+
+def _read_token(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+class SessionTokenKeys:
+    """A session token (``oci session authenticate``) and its key, seen as a KeySource.
+
+    ``oci session refresh`` rewrites the token file with a new token (same key): after a
+    401, ``refresh()`` reads the file again. The token never appears in a message or repr.
+    """
+
+    def __init__(self, token_file: str, token: str, key: RSAPrivateKey) -> None:
+        self._token_file = token_file
+        self._key_id = f"ST${token}"
+        self._key = key
+        self._lock = threading.Lock()  # one refresh at a time
+
+    @property
+    def refreshable(self) -> bool:
+        return True
+
+    def current(self) -> tuple[str, RSAPrivateKey]:
+        return self._key_id, self._key
+
+    def refresh(self) -> None:
+        """Read the token file again; keep the current token if it cannot be read (missing,
+        or empty while the CLI rewrites it)."""
+        with self._lock:
+            try:
+                token = _read_token(self._token_file)
+            except (OSError, UnicodeError) as exc:
+                log.warning(
+                    "cannot read the security token file %s again (%s): keeping the token "
+                    "read before",
+                    self._token_file,
+                    type(exc).__name__,
+                )
+                return
+            if not token:
+                log.warning(
+                    "the security token file %s is empty: keeping the token read before",
+                    self._token_file,
+                )
+                return
+            self._key_id = f"ST${token}"
+        log.info("security token read again from %s", self._token_file)
+
+    def __repr__(self) -> str:
+        return "SessionTokenKeys(...)"
 
 
 class _PrincipalKeys:

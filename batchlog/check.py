@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from batchlog.journal import line_hash, read_checkpoint
+from batchlog.journal import line_hash, read_checkpoint, record_key
 from batchlog.manifest import STDIN, check_readable, read_lines
 from batchlog.plan import Grouper, GroupLimits
 from batchlog.records import Rejection
@@ -58,9 +58,13 @@ class Status:
 
 
 def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
-    """Read the checkpoint's header and tail, then stream the manifests once (runs, pending)."""
+    """Read the checkpoint's header and tail, then stream the manifests once (runs, pending).
+
+    A run counts as done only when every record of it finished and none is in the dead
+    letter (the one the checkpoint names, unless ``dead_letter`` is given).
+    """
     header, point = read_checkpoint(path, repair=False)
-    manifests = [m["path"] for m in header.get("manifests", [])]
+    manifests = [str(m) for m in header.get("manifests", [])]
     c = point.counts
     if any(m == STDIN for m in manifests) or not all(_exists(m) for m in manifests):
         return Status(
@@ -77,26 +81,27 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
             point.last_write,
             False,
         )
+    dead_letter = dead_letter or header.get("dead_letter") or None
     failed_runs = _dead_letter_runs(dead_letter) if dead_letter else set()
     runs: set[str] = set()
     pending_runs: set[str] = set()
     pending = 0
-    seq = 0
     changed = False
     for index, m in enumerate(manifests):
+        below = point.marks[index].records if index < len(point.marks) else 0
         for line in read_lines(m, index):
             run = _run_id(line.raw)
             if run is not None:
                 runs.add(run)
-            done = seq < point.watermark
-            if not done and seq in point.done_above:
+            key = record_key(index, line.record)
+            done = line.record < below
+            if not done and key in point.done:
                 done = True
-                changed |= point.done_above[seq] != line_hash(line.raw)
+                changed |= point.done[key] != line_hash(line.raw)
             if not done:
                 pending += 1
                 if run is not None:
                     pending_runs.add(run)
-            seq += 1
     runs_failed = len(failed_runs & runs)
     runs_pending = len(pending_runs - failed_runs)
     return Status(

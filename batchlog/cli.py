@@ -31,7 +31,12 @@ from batchlog.report import (
     Report,
 )
 from batchlog.retry import RetryPolicy
-from batchlog.settings import Settings, resolve_paths
+from batchlog.settings import (
+    Settings,
+    default_checkpoint,
+    default_dead_letter,
+    resolve_paths,
+)
 from batchlog.signing import KeySource, StaticKey
 from batchlog.target import (
     MlflowTarget,
@@ -230,9 +235,10 @@ def _settings(
     endpoint: str,
     platform: str,
     workspace: str,
+    site: str = "",
 ) -> Settings:
     return Settings(
-        target=OciTarget(endpoint, platform, workspace),
+        target=OciTarget(endpoint, platform, workspace, site=site),
         keys=keys,
         concurrency=args.concurrency,
         rate=args.rate,
@@ -283,12 +289,19 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         emulator = Emulator(EmulatorConfig(public_key=key.public_key(), key_id=EMULATED_KEY_ID))
         url = await emulator.start()
-        settings = _settings(
-            args,
-            StaticKey(EMULATED_KEY_ID, key),
-            url,
-            args.platform_id or EMULATED_PLATFORM,
-            args.workspace or EMULATED_WORKSPACE,
+        # a rehearsal never shares a checkpoint with the real upload: its own files, and
+        # a target identity of its own (the port changes from run to run)
+        settings = dataclasses.replace(
+            _settings(
+                args,
+                StaticKey(EMULATED_KEY_ID, key),
+                url,
+                args.platform_id or EMULATED_PLATFORM,
+                args.workspace or EMULATED_WORKSPACE,
+                site="emulator",
+            ),
+            checkpoint=args.checkpoint or default_checkpoint(args.manifests, "emulated"),
+            dead_letter=args.dead_letter or default_dead_letter(args.manifests, "emulated"),
         )
         print(f"batchlog: emulator listening on {url} (signatures verified)", file=out)
     else:
@@ -370,15 +383,19 @@ def _print_report(r: Report, out: TextIO) -> None:
         f"batchlog: {r.status}: {r.records:,} records: {r.succeeded:,} succeeded, "
         f"{r.failed:,} failed, {r.rejected:,} rejected, {r.skipped:,} already done; "
         f"{r.requests:,} requests, {r.retries:,} retries, {r.throttled:,} throttled, "
-        f"{r.elapsed_s:.1f} s",
+        + (f"{r.read_backs:,} read back, " if r.read_backs else "")
+        + f"{r.elapsed_s:.1f} s",
         file=out,
     )
     if r.message:
         print(f"batchlog: {r.message}", file=out)
-    if r.failed or r.rejected:
+    if r.unsuccessful_total:
+        here = r.failed + r.rejected
+        earlier = r.unsuccessful_total - here
+        when = f" ({here:,} in this run, {earlier:,} in earlier runs)" if earlier else ""
         print(
-            f"batchlog: records that did not succeed are in {r.dead_letter}: fix them and "
-            "upload that file",
+            f"batchlog: {r.unsuccessful_total:,} records of this job did not succeed{when}: "
+            f"they are in {r.dead_letter}; fix them and upload that file",
             file=out,
         )
     if r.exit_code not in (EXIT_OK, EXIT_SOME_FAILED):

@@ -6,13 +6,17 @@ Fields starting with ``_`` are ignored on upload, so the file can be uploaded as
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import orjson
 
 from batchlog import durable
 from batchlog.errors import DeadLetterError
+
+log = logging.getLogger("batchlog")
 
 
 def dead_letter_line(raw: bytes, error: dict[str, Any]) -> bytes:
@@ -30,14 +34,24 @@ def dead_letter_line(raw: bytes, error: dict[str, Any]) -> bytes:
 class DeadLetter:
     """Buffered appends, written and fsync'ed by the job's flush task before the journal."""
 
-    def __init__(self, path: str, truncate: bool) -> None:
+    def __init__(self, path: str, set_aside: bool) -> None:
+        """Open for appending. ``set_aside``: the job starts afresh (a new checkpoint), so a
+        dead letter left at ``path`` by an earlier job is renamed, never mixed into this
+        one's (one line per record that did not succeed) and never lost."""
         self.path = path
         self.count = 0  # lines added in this run
         self._buffer: list[bytes] = []  # lines not yet written
         try:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
-            self._file = open(path, "wb" if truncate else "ab")
+            if set_aside and os.path.exists(path) and os.path.getsize(path) > 0:
+                aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+                os.replace(path, aside)
+                log.warning("an earlier dead letter was kept as %s (this job starts afresh)", aside)
+            created = not os.path.exists(path)
+            self._file = open(path, "ab")
+            if created or set_aside:
+                durable.sync_directory(parent)  # the file's name survives a power cut
         except OSError as exc:
             raise DeadLetterError(
                 f"cannot open dead-letter file {path}: {exc.strerror or exc}"

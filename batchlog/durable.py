@@ -20,3 +20,17 @@ def close_quietly(handle: BinaryIO) -> None:
         handle.close()
     except OSError:
         pass
+
+
+def sync_directory(path: str) -> None:
+    """fsync a directory, so that a file created or renamed in it survives a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not possible here (some platforms): the file itself is still fsync'ed
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,8 +1,13 @@
 """One upload job: manifests in, calls out through the pool, outcomes to the journal.
 
-    producer (read, validate, skip what is done, group)  --bounded stream-->  workers
-    workers (rate gate, in-flight limit, sign + send, retry)  -->  outcomes
+    producer (read, check, validate, skip what is done, group)  --bounded stream-->  workers
+    workers (rate gate, in-flight limit, read back if in doubt, sign + send, retry) --> outcomes
     outcomes  -->  journal + dead letter (group commit by the flush task), counters
+
+A call that fails the same way as the calls before it (401, a redirect, 404 or nothing
+listening before any success, or out of attempts) is held back rather than recorded as
+failed: a run of them says the job, not the record, is wrong, and the job stops (exit 3)
+with nothing recorded as failed, so the same command resumes once the cause is fixed.
 
 Nothing in here prints; the CLI renders the counters and the report.
 """
@@ -12,32 +17,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from itertools import islice
+from typing import Literal
 
 import anyio
 import anyio.abc
-import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchlog.deadletter import DeadLetter
-from batchlog.errors import BatchlogError, CheckpointError
+from batchlog.errors import BatchlogError
 from batchlog.journal import (
     REJECTED,
     Journal,
-    Mark,
     ResumePoint,
     header_doc,
     line_hash,
+    manifest_of,
     open_journal,
+    record_key,
+    record_of,
 )
-from batchlog.manifest import STDIN, Line, check_readable, display_name, read_lines, read_span
+from batchlog.manifest import (
+    STDIN,
+    ManifestChanged,
+    ManifestReader,
+    check_readable,
+    display_name,
+)
 from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
 from batchlog.records import Rejection
@@ -45,23 +56,37 @@ from batchlog.report import Counters, Report, Status
 from batchlog.retry import NO_ANSWER, Answer
 from batchlog.settings import Settings, resolve_paths
 from batchlog.target import MlflowTarget
-from batchlog.transport import Transport, logged_models, model_identity
+from batchlog.transport import Transport
 from batchlog.validate import parse_line
 
 log = logging.getLogger("batchlog")
 
-HEAD_BYTES = 4096  # bytes of each manifest's beginning kept in the checkpoint header
 READ_BATCH = 512  # manifest lines read per hop to the reader thread
 IN_DOUBT_TTL = 24 * 3600.0  # retry tokens expire after this
 LOUD_FAILURES = 100  # failures logged as warnings; the rest at info level (-v)
 
+Held = Literal["unauthorized", "redirect", "not-found", "cannot-connect", "gave-up", "unconfirmed"]
+_RESENT_ON_SUCCESS = ("unauthorized", "redirect", "cannot-connect")  # tried again after one
+
 
 @dataclass
-class _Held:
-    """A 401/404 seen before any success: kept back until we know it is not systemic."""
+class _Tries:
+    """What one call went through so far, in this run and (from the checkpoint) before."""
 
+    attempts: int = 0
+    first_sent: float | None = None  # unix time of the first attempt ever
+    maybe_applied: bool = False  # an attempt may have landed (no answer, 5xx, earlier run)
+    read_back: bool = False  # read the run back before sending again
+    ready_at: float = 0.0  # unix time after which no earlier attempt can still land
+    refreshed: bool = False  # credentials were refreshed once for this call
+
+
+@dataclass
+class _HeldCall:
     call: Call
     answer: Answer
+    kind: Held
+    tries: _Tries
 
 
 class Job:
@@ -88,11 +113,13 @@ class Job:
         self._stop_status: Status | None = None
         self._stop_message = ""
         self._any_success = False
-        self._held: list[_Held] = []
+        self._held: list[_HeldCall] = []  # failures that may be the job's, not the record's
+        self._streak = 0  # calls held since the last success
         self._failures_logged = 0
-        self._expired: list[str] = []  # sources of calls in doubt for longer than 24 h
         self._journal: Journal | None = None
         self._dead: DeadLetter | None = None
+        self._readers: list[ManifestReader] = []
+        self._transport: Transport | None = None
         self._tg: anyio.abc.TaskGroup | None = None  # producer and workers
         self._outer: anyio.abc.TaskGroup | None = None  # flush, progress, timers
         self._producer_scope: anyio.CancelScope | None = None
@@ -135,7 +162,10 @@ class Job:
     # ---- run -----------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the checkpoint and dead letter; raises CheckpointError before any request."""
+        """Open the checkpoint and dead letter and check what earlier runs read.
+
+        Raises CheckpointError (a changed manifest or stream included) before any request.
+        """
         if self._point is None:
             self._point = self._open_files()
 
@@ -158,6 +188,7 @@ class Job:
                 verify_tls=s.verify_tls,
                 user_principal=s.user_principal,
             ) as transport:
+                self._transport = transport
                 send, receive = anyio.create_memory_object_stream[Call](s.concurrency)
                 async with anyio.create_task_group() as outer:
                     self._outer = outer
@@ -165,21 +196,22 @@ class Job:
                     outer.start_soon(self._progress_loop)
                     async with anyio.create_task_group() as tg:
                         self._tg = tg
-                        tg.start_soon(self._produce, send, point)
+                        tg.start_soon(self._produce, send)
                         workers = min(1024, s.concurrency * 2)  # sleeping retries hold no slot
                         async with receive:
                             for _ in range(workers):
-                                tg.start_soon(self._work, receive.clone(), transport)
+                                tg.start_soon(self._work, receive.clone())
+                    self._settle_held()
                     outer.cancel_scope.cancel()
         finally:
             self._tg = self._outer = None
+            for reader in self._readers:
+                reader.close()
             with anyio.CancelScope(shield=True):
                 await self._flush()
                 self._journal.close()
                 self._dead.close()
-        if self._held and not self._any_success and self._stop_status is None:
-            self._stop_status = "stopped"
-            self._stop_message = self._systemic_message()
+        counts = self._journal.counts
         report = Report.build(
             self.counters,
             self._stop_status or "completed",
@@ -187,79 +219,110 @@ class Job:
             self.checkpoint_path,
             self.dead_letter_path,
         )
-        return dataclasses.replace(report, in_doubt_expired=tuple(self._expired))
+        return dataclasses.replace(
+            report, failed_total=counts.failed, rejected_total=counts.rejected
+        )
 
     def _open_files(self) -> ResumePoint:
         s = self.settings
         grouping = {"max_datasets": s.grouping.max_datasets, "max_body": s.grouping.max_body}
-        heads = [_head(m) for m in self.manifests]
-        header = header_doc(s.target.identity, heads, grouping)
+        header = header_doc(
+            s.target.identity, list(self.manifests), grouping, self.dead_letter_path
+        )
         journal, point = open_journal(self.checkpoint_path, header, s.restart)
-        fresh = point.finished == 0
         try:
-            if not fresh:
-                _verify_manifests(self.checkpoint_path, self.manifests, point)
-            self._dead = DeadLetter(self.dead_letter_path, truncate=fresh and s.restart)
+            readers = [
+                ManifestReader(path, index, point.marks[index])
+                for index, path in enumerate(self.manifests)
+            ]
+            for reader in readers:  # every processed part is checked before any request
+                try:
+                    reader.check_prefix()
+                except ManifestChanged as exc:
+                    raise ManifestChanged(
+                        f"{exc}, according to checkpoint {self.checkpoint_path}: nothing was "
+                        "sent; use --restart to start this job over, or give another "
+                        "--checkpoint for a new job"
+                    ) from None
+            self._readers = readers
+            fresh = point.finished == 0 and not point.doubt
+            self._dead = DeadLetter(self.dead_letter_path, set_aside=fresh)
         except BaseException:
             journal.close()
+            for reader in self._readers:
+                reader.close()
             raise
         self._journal = journal
         return point
 
     # ---- producer ------------------------------------------------------------------------
 
-    async def _produce(self, send: MemoryObjectSendStream[Call], point: ResumePoint) -> None:
-        assert self._journal is not None
-        journal, c = self._journal, self.counters
+    async def _produce(self, send: MemoryObjectSendStream[Call]) -> None:
         grouper = Grouper(self.settings.target, self.settings.grouping)
-        done = point.done_above  # seq -> line hash of records finished beyond the watermark
-        seq = point.watermark
         try:
             with anyio.CancelScope() as scope:
                 self._producer_scope = scope
                 if self._draining:
                     scope.cancel()
                 async with send:
-                    for index, path in enumerate(self.manifests):
-                        if index < point.at[0]:
-                            continue
-                        offset, first = (
-                            (point.at[1], point.at[2]) if index == point.at[0] else (0, 1)
-                        )
-                        name = display_name(path)
-                        before = sum(size or 0 for size in self._sizes[:index])
-                        async for line in _lines(path, index, offset, first):
-                            c.bytes_read = before + line.end
-                            h = line_hash(line.raw)
-                            mark = Mark(index, line.start, line.end, line.number, h)
-                            item = parse_line(line.raw, seq, f"{name}:{line.number}")
-                            known = done.get(seq)
-                            seq += 1
-                            if known is not None:  # finished by an earlier run
-                                if known != h:
-                                    self._fail_job("failed", self._changed(name, line.number))
-                                    return
-                                journal.skip(item.seq, mark)
-                            else:
-                                journal.read(item.seq, mark)
-                                c.records += 1
-                                if isinstance(item, Rejection):
-                                    self._reject(item)
-                                    continue
-                            if isinstance(item, Rejection):
-                                continue
-                            # finished records still go through the grouper, so that the
-                            # calls (and their retry tokens) are those of the first run
-                            for call in grouper.add(item):
-                                await self._send_unfinished(send, call, done)
-                    for call in grouper.flush():
-                        await self._send_unfinished(send, call, done)
+                    for reader in self._readers:
+                        await self._produce_manifest(reader, grouper, send)
+                        for call in grouper.flush():  # a call never spans two manifests
+                            await self._send_unfinished(send, call)
+                        reader.close()
         except BatchlogError as exc:
             self._fail_job("failed", str(exc))
 
-    async def _send_unfinished(
-        self, send: MemoryObjectSendStream[Call], call: Call, done: dict[int, str]
+    async def _produce_manifest(
+        self, reader: ManifestReader, grouper: Grouper, send: MemoryObjectSendStream[Call]
     ) -> None:
+        assert self._journal is not None and self._point is not None
+        journal, c, done = self._journal, self.counters, self._point.done
+        index, name = reader.index, display_name(reader.path)
+        before = sum(size or 0 for size in self._sizes[:index])
+        while True:
+            lines, boundary = await anyio.to_thread.run_sync(reader.batch, READ_BATCH)
+            if not lines and boundary is None:
+                break
+            for line in lines:
+                c.bytes_read = before + line.end
+                key = record_key(index, line.record)
+                h = line_hash(line.raw)
+                item = parse_line(line.raw, key, f"{name}:{line.number}")
+                known = done.get(key)
+                if known is not None:  # finished by an earlier run
+                    if known != h:
+                        raise ManifestChanged(self._changed(name, line.number))
+                    journal.skip(key)
+                else:
+                    journal.read(key, h)
+                    c.records += 1
+                    if isinstance(item, Rejection):
+                        self._reject(item)
+                        continue
+                if isinstance(item, Rejection):
+                    continue
+                # finished records still go through the grouper, so that the calls (and
+                # their retry tokens) are those of the first run
+                for call in grouper.add(item):
+                    await self._send_unfinished(send, call)
+            if boundary is not None:
+                journal.boundary(index, boundary)
+        gone = sorted(
+            record_of(k)
+            for k in done
+            if manifest_of(k) == index and record_of(k) >= reader.records_read
+        )
+        if gone:
+            raise ManifestChanged(
+                f"{name} ends after {reader.records_read:,} records, but an earlier run "
+                f"uploaded its record {gone[-1] + 1:,}: it was cut short since; "
+                f"use --restart to start over"
+            )
+
+    async def _send_unfinished(self, send: MemoryObjectSendStream[Call], call: Call) -> None:
+        assert self._point is not None
+        done = self._point.done
         finished = [r for r in call.records if r.seq in done]
         if not finished:
             await send.send(call)
@@ -293,40 +356,65 @@ class Job:
 
     # ---- workers -------------------------------------------------------------------------
 
-    async def _work(self, receive: MemoryObjectReceiveStream[Call], transport: Transport) -> None:
+    async def _work(self, receive: MemoryObjectReceiveStream[Call]) -> None:
         async with receive:
             async for call in receive:
                 if self._draining:
                     return
-                await self._process(call, transport)
+                tries = self._tries(call)
+                if tries.read_back and tries.ready_at > time.time():
+                    # an earlier attempt may still land: read back once it no longer can,
+                    # and let other work go on meanwhile
+                    assert self._tg is not None
+                    self._tg.start_soon(self._process_when_ready, call, tries)
+                else:
+                    await self._process(call, tries)
 
-    async def _process(self, call: Call, transport: Transport) -> None:
-        s, c, policy = self.settings, self.counters, self.settings.retry
+    def _tries(self, call: Call) -> _Tries:
         assert self._point is not None
-        refreshed = False
-        attempt = 0
-        # a log-model call to MLflow is not idempotent: before sending one that may already
-        # have been applied (sent before a crash, or answered by a timeout or a 5xx), read
-        # the run back and skip it if its model is there
-        check_first = self._reads_back and call.op == "log-model"
-        in_doubt = check_first and call.records[0].seq in self._point.doubt
+        earlier = self._point.doubt.get(call.records[0].seq)  # sent, never answered for sure
+        if earlier is None:
+            return _Tries()
+        expired = time.time() - earlier.first_sent > IN_DOUBT_TTL  # the token is forgotten
+        return _Tries(
+            first_sent=earlier.first_sent,
+            maybe_applied=True,
+            read_back=self._not_idempotent(call) or expired,
+            ready_at=earlier.until,
+        )
+
+    def _not_idempotent(self, call: Call) -> bool:
+        # MLflow has no retry tokens and appends a model on every log-model call (its
+        # log-inputs stores a dataset once per run: that one is safe to resend)
+        return self._reads_back and call.op == "log-model"
+
+    async def _process_when_ready(self, call: Call, tries: _Tries) -> None:
+        await anyio.sleep(max(0.0, tries.ready_at - time.time()))
+        if not self._draining:
+            await self._process(call, tries)
+
+    async def _process(self, call: Call, tries: _Tries) -> None:
+        s, c, policy = self.settings, self.counters, self.settings.retry
+        transport = self._transport
+        assert self._journal is not None and transport is not None
         while True:
-            attempt += 1
+            tries.attempts += 1
             await self._gate.acquire()
             c.rate = self._gate.rate
-            if attempt == 1:
-                self._mark_sent(call)
-                if check_first:
-                    # not idempotent: journal it as in doubt before it goes out, so that a
-                    # crash at any moment leaves a resume that reads the run back first
-                    await self._flushed.wait()
-            async with self._run_lock(call), self._inflight:
-                c.in_flight += 1
-                try:
-                    answer = await self._attempt(call, transport, in_doubt)
-                finally:
-                    c.in_flight -= 1
-            in_doubt = check_first and (in_doubt or answer.in_doubt)
+            answer = await self._read_back(call, tries, transport)
+            if answer is None:  # not applied yet: send it
+                await self._journal_sent(call, tries)
+                async with self._run_lock(call), self._inflight:
+                    c.in_flight += 1
+                    c.requests += 1
+                    try:
+                        answer = await transport.send(call)
+                    finally:
+                        c.in_flight -= 1
+            if answer.in_doubt:
+                tries.maybe_applied = True
+                if self._not_idempotent(call):
+                    tries.read_back = True
             verdict = policy.verdict(answer)
             if verdict == "ok":
                 self._gate.on_success()
@@ -335,30 +423,71 @@ class Job:
             if answer.status == 429:
                 c.throttled += 1
                 self._gate.on_throttle(answer.retry_after)
-            if verdict == "unauthorized" and s.keys and s.keys.refreshable and not refreshed:
-                refreshed = True
+            if verdict == "unauthorized" and s.keys and s.keys.refreshable and not tries.refreshed:
+                tries.refreshed = True  # a principal's token, or a session token file renewed
                 await transport.refresh_credentials()
+                tries.attempts -= 1
                 continue
-            if verdict == "retry" and attempt < policy.max_attempts:
+            kind = self._systemic(answer)
+            if kind is not None:
+                self._hold(_HeldCall(call, answer, kind, tries))
+                return
+            if verdict == "retry" and tries.attempts < policy.max_attempts:
                 if self._draining:
                     return  # left unfinished: resent with the same token on resume
                 c.retries += 1
-                await anyio.sleep(policy.delay(attempt, answer, self._rng))
+                delay = policy.delay(tries.attempts, answer, self._rng)
+                if tries.read_back:
+                    delay = max(delay, tries.ready_at - time.time())
+                await anyio.sleep(delay)
                 if self._draining:
                     return
                 continue
+            if verdict == "retry":  # out of attempts
+                kind = "unconfirmed" if tries.read_back else "gave-up"
+                self._hold(_HeldCall(call, answer, kind, tries))
+                return
             if answer.status == 400 and len(call.records) > 1:
                 for single in split(s.target, call):  # one bad dataset must not sink the rest
-                    await self._process(single, transport)
+                    await self._process(single, _Tries())
                 return
-            self._permanent(call, answer, attempt)
+            self._record_failure(call, self._final(answer, tries))
             return
+
+    async def _read_back(self, call: Call, tries: _Tries, transport: Transport) -> Answer | None:
+        """When the call may already be applied and nothing protects a resend, read its run
+        back: an answer if it is there or cannot be read, None to go on and send it."""
+        if not tries.read_back:
+            return None
+        self.counters.read_backs += 1
+        async with self._inflight:
+            applied = await transport.is_applied(call)
+        if applied is None:
+            return Answer(NO_ANSWER, "ReadBackFailed", "could not read the run back", sent=False)
+        if applied:
+            return Answer(200, "AlreadyApplied")
+        tries.read_back = False  # not there, and no earlier attempt can land any more
+        return None
+
+    async def _journal_sent(self, call: Call, tries: _Tries) -> None:
+        """Journal the call as in doubt before it goes out (24 h token horizon, read-back)."""
+        assert self._journal is not None
+        now = time.time()
+        if tries.first_sent is None:
+            tries.first_sent = now
+        tries.ready_at = now + self.settings.timeout  # when this attempt can no longer land
+        if tries.attempts == 1 or self._not_idempotent(call):
+            self._journal.sent(call.records[0].seq, tries.first_sent, tries.ready_at)
+            if self._not_idempotent(call):
+                # on disk before it goes out: a crash at any moment leaves a resume that
+                # reads the run back first
+                await self._flushed.wait()
 
     @contextlib.asynccontextmanager
     async def _run_lock(self, call: Call) -> AsyncIterator[None]:
         """MLflow appends a model to a run's history tag by read-modify-write: two log-model
         calls for one run at once fail or lose one. They go one at a time per run."""
-        if not (self._reads_back and call.op == "log-model"):
+        if not self._not_idempotent(call):
             yield
             return
         lock, users = self._run_locks.get(call.run_id, (None, 0))
@@ -375,64 +504,73 @@ class Job:
             else:
                 self._run_locks[call.run_id] = (lock, users - 1)
 
-    async def _attempt(self, call: Call, transport: Transport, in_doubt: bool) -> Answer:
-        if in_doubt:
-            run = await transport.get_run(call.run_id)
-            if run is None:
-                return Answer(NO_ANSWER, "ReadBackFailed", "could not read the run back")
-            ours = model_identity(orjson.loads(call.records[0].model_json))
-            if any(model_identity(m) == ours for m in logged_models(run)):
-                return Answer(200, "AlreadyLogged")
-        self.counters.requests += 1
-        return await transport.send(call)
+    # ---- outcomes --------------------------------------------------------------------------
 
-    def _mark_sent(self, call: Call) -> None:
-        assert self._journal is not None and self._point is not None
-        first = call.records[0].seq
-        earlier = self._point.doubt.get(first)  # sent by an earlier run, never answered
-        now = time.time()
-        if earlier is not None and now - earlier > IN_DOUBT_TTL:
-            sources = ", ".join(r.source for r in call.records)
-            self._expired.append(sources)
-            log.warning(
-                "%s: first sent %s, more than 24 h ago, and never answered: its retry token "
-                "has expired, so the server may apply it a second time",
-                sources,
-                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(earlier)),
-            )
-        self._journal.sent(first, earlier if earlier is not None else now)
+    def _systemic(self, answer: Answer) -> Held | None:
+        """The kind of answer that, repeated, says the job rather than the record is wrong."""
+        status = answer.status
+        if 300 <= status < 400:
+            return "redirect"
+        if status == 401:
+            return "unauthorized"
+        if self._any_success:
+            return None
+        if status == 404 and not self.settings.target.is_record_404(answer):
+            return "not-found"
+        if status == NO_ANSWER and not answer.sent and answer.code == "CannotConnect":
+            return "cannot-connect"
+        return None
+
+    def _hold(self, held: _HeldCall) -> None:
+        assert self._journal is not None
+        if not held.tries.maybe_applied:
+            self._journal.settled(held.call.records[0].seq)  # no need to read it back
+        self._held.append(held)
+        self._streak += 1
+        if self._streak >= self.settings.systemic_after:
+            self._fail_job("stopped", self._systemic_message())
 
     def _succeed(self, call: Call, answer: Answer) -> None:
         assert self._journal is not None
-        if not self._any_success:
-            self._any_success = True
-            held, self._held = self._held, []
-            for h in held:
-                self._record_failure(h.call, h.answer)
+        self._any_success = True
+        self._streak = 0
+        held, self._held = self._held, []
+        for h in held:  # not the job's fault after all
+            if h.kind in _RESENT_ON_SUCCESS and h.tries.attempts < self.settings.retry.max_attempts:
+                assert self._tg is not None
+                self._tg.start_soon(self._process, h.call, h.tries)
+            elif h.kind == "unconfirmed":
+                self._held.append(h)  # never dead-lettered while it may have been applied
+            else:
+                self._record_failure(h.call, self._final(h.answer, h.tries))
         seqs = [r.seq for r in call.records]
         self._journal.finish(seqs, answer.status, answer.request_id, answer.etag)
-        self._journal.answered(seqs[0])
         self.counters.succeeded += len(call.records)
 
-    def _permanent(self, call: Call, answer: Answer, attempts: int) -> None:
-        if answer.status in (401, 404) and not self._any_success:
-            self._held.append(_Held(call, answer))
-            if len(self._held) >= self.settings.systemic_after:
-                self._fail_job("stopped", self._systemic_message())
+    def _settle_held(self) -> None:
+        """At the end of the work: held calls that are the records' own failures are recorded;
+        any other stops the job (exit 3) with nothing recorded, to be resumed."""
+        if self._stop_status is not None or not self._held:
             return
+        if all(h.kind == "gave-up" for h in self._held):
+            held, self._held = self._held, []
+            for h in held:
+                self._record_failure(h.call, self._final(h.answer, h.tries))
+            return
+        self._stop_status = "stopped"
+        self._stop_message = self._systemic_message()
+
+    def _final(self, answer: Answer, tries: _Tries) -> Answer:
+        """The answer as the dead letter tells it: how many attempts, and whether it may
+        have been applied."""
         if answer.status == NO_ANSWER or answer.status == 429 or answer.status >= 500:
-            answer = Answer(
-                answer.status,
-                answer.code or "NoAnswer",
-                f"gave up after {attempts} attempts: {answer.message}"
-                + (
-                    " (may have been applied: re-sending within 24 h is safe, same retry token)"
-                    if answer.in_doubt
-                    else ""
-                ),
-                answer.request_id,
+            note = f" ({self.settings.target.in_doubt_note()})" if tries.maybe_applied else ""
+            return dataclasses.replace(
+                answer,
+                code=answer.code or "NoAnswer",
+                message=f"gave up after {tries.attempts} attempts: {answer.message}{note}",
             )
-        self._record_failure(call, answer)
+        return answer
 
     def _record_failure(self, call: Call, answer: Answer) -> None:
         assert self._journal is not None and self._dead is not None
@@ -448,7 +586,6 @@ class Job:
                 },
             )
         self._journal.finish([r.seq for r in call.records], answer.status, answer.request_id)
-        self._journal.answered(call.records[0].seq)
         self.counters.failed += len(call.records)
         for record in call.records:
             self._log_failure(
@@ -469,23 +606,28 @@ class Job:
             log.info(fmt, *args)
 
     def _systemic_message(self) -> str:
-        statuses = {h.answer.status for h in self._held}
-        first = self._held[0].answer if self._held else Answer(0)
-        if statuses == {401}:
+        held = [h for h in self._held if h.kind != "gave-up"] or self._held
+        last = held[-1].answer if held else Answer(0)
+        unconfirmed = sum(len(h.call.records) for h in held if h.kind == "unconfirmed")
+        if unconfirmed and len(held) == sum(1 for h in held if h.kind == "unconfirmed"):
             why = (
-                "every request was refused as unauthenticated (401): check the key, its "
-                "fingerprint and user in the OCI config, and that the clock is right"
+                f"{unconfirmed} records may have been applied and could not be read back to "
+                "confirm it; they are not resent blindly"
             )
         else:
-            why = (
-                "every request answered 404 before any succeeded: the platform id or the "
-                "workspace key is likely wrong, or the identity lacks permission "
-                "(OCI answers NotAuthorizedOrNotFound for all three)"
-            )
+            kind = held[-1].kind if held else "gave-up"
+            if kind == "gave-up":
+                why = (
+                    f"{len(self._held)} requests in a row got no usable answer after every "
+                    "attempt: the server looks down or overloaded"
+                )
+            else:
+                why = self.settings.target.systemic_hint(last.status)
+        rid = f" (opc-request-id {last.request_id})" if last.request_id else ""
         return (
-            f"stopped after {len(self._held)} failed requests: {why}. Last answer: "
-            f"{first.status} {first.code} {first.message} (opc-request-id {first.request_id}). "
-            "Nothing was recorded as failed: fix it and run the same command again."
+            f"stopped: {why}. Last answer: {last.status or 'none'} {last.code} "
+            f"{last.message}{rid}. Nothing was recorded as failed: fix the cause and run "
+            "the same command again."
         )
 
     # ---- journal and progress --------------------------------------------------------------
@@ -524,36 +666,6 @@ def _write_both(dead: DeadLetter, dead_data: bytes, journal: Journal, journal_da
     journal.write(journal_data)
 
 
-def _lines(path: str, index: int, offset: int, first: int) -> _AsyncLines:
-    return _AsyncLines(read_lines(path, index, offset, first))
-
-
-class _AsyncLines:
-    """Reads manifest lines in batches on a worker thread (stdin may block)."""
-
-    def __init__(self, lines: Iterator[Line]) -> None:
-        self._lines = lines
-        self._batch: list[Line] = []
-        self._pos = 0
-
-    def __aiter__(self) -> _AsyncLines:
-        return self
-
-    async def __anext__(self) -> Line:
-        if self._pos >= len(self._batch):
-            self._batch = await anyio.to_thread.run_sync(_take, self._lines)
-            self._pos = 0
-            if not self._batch:
-                raise StopAsyncIteration
-        line = self._batch[self._pos]
-        self._pos += 1
-        return line
-
-
-def _take(lines: Iterator[Line]) -> list[Line]:
-    return list(islice(lines, READ_BATCH))
-
-
 def _sizes(manifests: list[str]) -> list[int | None]:
     out: list[int | None] = []
     for path in manifests:
@@ -562,40 +674,6 @@ def _sizes(manifests: list[str]) -> list[int | None]:
         else:
             out.append(os.path.getsize(path))
     return out
-
-
-def _head(path: str) -> dict[str, object]:
-    if path == STDIN:
-        return {"path": path, "head_len": 0, "head": None}
-    data = read_span(path, 0, HEAD_BYTES) or b""
-    return {"path": path, "head_len": len(data), "head": hashlib.sha256(data).hexdigest()}
-
-
-def _verify_manifests(checkpoint: str, manifests: list[str], point: ResumePoint) -> None:
-    """Refuse to resume when the part of a manifest already processed has changed."""
-    hint = "use --restart to start over"
-    for before in point.manifests:
-        path = str(before.get("path"))
-        if path == STDIN or not before.get("head"):
-            continue
-        data = read_span(path, 0, int(before["head_len"])) or b""
-        if (
-            len(data) < int(before["head_len"])
-            or hashlib.sha256(data).hexdigest() != before["head"]
-        ):
-            raise CheckpointError(
-                f"manifest {path} changed since checkpoint {checkpoint} was written "
-                f"(its beginning differs); {hint}"
-            )
-    if point.check is not None:
-        path = manifests[point.at[0]]
-        start, end, h = point.check
-        span = read_span(path, start, end)
-        if span is not None and line_hash(span.rstrip(b"\r\n")) != h:
-            raise CheckpointError(
-                f"manifest {path} changed since checkpoint {checkpoint} was written "
-                f"(line {point.at[2] - 1} is not what was uploaded); {hint}"
-            )
 
 
 async def upload(

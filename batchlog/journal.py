@@ -1,22 +1,33 @@
-"""The checkpoint: an append-only journal of finished records, with group commit.
+"""The checkpoint: an append-only journal of what a job finished, with group commit.
 
-File format, one JSON object a line:
+Every line is a JSON document followed by ``|`` and the CRC-32 of the document, so that a
+torn or damaged line is told from a good one:
 
-    {"batchlog_checkpoint": 1, "target": ..., "manifests": [...], ...}    header (line 1)
-    {"s": [SEQ...], "h": [LINEHASH...], "st": STATUS, "rid": REQUEST_ID, "etag": ETAG}
-                                                                one finished call's records
-    {"wm": W, "at": [M, OFFSET, LINE], "chk": [START, END, HASH], "above": [[SEQ, HASH]...],
-     "n": [SUCCEEDED, FAILED, REJECTED], "doubt": [[SEQ, UNIXTIME]...], "t": UNIXTIME}
-                                                                            a watermark
+    {"batchlog_checkpoint": 2, "target": ..., "manifests": [...], ...}        header (line 1)
+    {"snap": {"marks": [[RECORDS, OFFSET, LINE, DIGEST]...], "done": [[KEY, HASH]...],
+              "doubt": [[KEY, FIRST_SENT, UNTIL]...], "n": [SUCCEEDED, FAILED, REJECTED]}}
+                                                                the whole state, now and then
+    {"f": [KEY...], "h": [HASH...], "st": STATUS, "rid": ID, "etag": ETAG}  a call finished
+    {"w": M, "at": [RECORDS, OFFSET, LINE, DIGEST]}            manifest M's watermark moved
+    {"d": KEY, "t": FIRST_SENT, "u": UNTIL}                     a call went out: in doubt
+    {"c": KEY}                                   a call known not applied: no longer in doubt
 
-Every flush appends the records finished since the last one and then a watermark: all
-records with seq < W are finished; reading resumes at byte OFFSET of manifest M (line LINE);
-``above`` lists the records finished beyond W; ``doubt`` the calls sent but not answered
-(by their first record) with the time they were first sent, for the 24 h token horizon.
-A resume therefore reads only the file's tail back to its last watermark: it costs the
-same for ten records done or ten million.
-``chk`` is the span and hash of the line of record W-1, so a manifest whose processed part
-changed is noticed; the line hashes in entries catch changes above the watermark.
+A record's KEY is its manifest's index shifted left by 40 bits, plus its index among that
+manifest's non-blank lines, so appending to any manifest never renumbers another.
+
+Each manifest has a watermark, a ``Boundary``: every record before it is finished, and the
+SHA-256 of every byte before it is kept, so a resume reads that part back and refuses it if
+it changed. ``done`` holds the records finished beyond their watermark, with the hash of
+their line (checked when the line is read again); ``doubt`` the calls sent and not yet
+answered, named by their first record, with the time first sent (for the retry token's
+24 h) and the time the last attempt can no longer land (for reading back before resending).
+
+Only changes are journaled; a snapshot of the whole state is written when the lines since
+the last one outgrow twice its size (and at least ``SNAPSHOT_EVERY`` bytes), so the file
+grows with the work done, not with how long a slow record is held. A resume reads from the
+last intact snapshot on: its cost does not grow with the job. A damaged snapshot is skipped
+(the lines before it still hold everything it restated); a damaged line elsewhere is
+skipped with a warning, and a torn tail is cut off.
 """
 
 from __future__ import annotations
@@ -25,23 +36,60 @@ import hashlib
 import logging
 import os
 import time
+import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from batchlog import durable
 from batchlog.errors import CheckpointError
+from batchlog.manifest import Boundary
 
 log = logging.getLogger("batchlog")
 
-FORMAT = 1
+FORMAT = 2
 REJECTED = "rejected"
+KEY_BITS = 40  # a record's index within its manifest
+SNAPSHOT_EVERY = 1 << 20  # bytes of changes at least between two snapshots
+_SNAP_MARK = b'{"snap":'
+
+
+def record_key(manifest: int, record: int) -> int:
+    return (manifest << KEY_BITS) | record
+
+
+def manifest_of(key: int) -> int:
+    return key >> KEY_BITS
+
+
+def record_of(key: int) -> int:
+    return key & ((1 << KEY_BITS) - 1)
 
 
 def line_hash(raw: bytes) -> str:
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def seal(doc: Any) -> bytes:
+    """One journal line: the document and its CRC-32."""
+    data = orjson.dumps(doc)
+    return b"%s|%08x\n" % (data, zlib.crc32(data))
+
+
+def unseal(line: bytes) -> Any:
+    """The document of an intact line (ending in a newline), or None."""
+    if len(line) < 11 or not line.endswith(b"\n") or line[-10:-9] != b"|":
+        return None
+    data = line[:-10]
+    try:
+        if int(line[-9:-1], 16) != zlib.crc32(data):
+            return None
+        return orjson.loads(data)
+    except (ValueError, orjson.JSONDecodeError):
+        return None
 
 
 @dataclass(slots=True)
@@ -54,127 +102,203 @@ class Counts:
     def finished(self) -> int:
         return self.succeeded + self.failed + self.rejected
 
+    @property
+    def unsuccessful(self) -> int:
+        return self.failed + self.rejected
+
+    def tally(self, status: int | str, n: int) -> None:
+        if status == REJECTED:
+            self.rejected += n
+        elif isinstance(status, int) and 200 <= status < 300:
+            self.succeeded += n
+        else:
+            self.failed += n
+
+
+@dataclass(frozen=True, slots=True)
+class Doubt:
+    """A call sent and not answered for sure: it may have been applied."""
+
+    first_sent: float  # unix time of its first attempt (the retry token lives 24 h)
+    until: float  # unix time after which its last attempt can no longer land
+
 
 @dataclass(slots=True)
 class ResumePoint:
     """Where a job stands according to its checkpoint."""
 
-    watermark: int = 0  # every record with seq < watermark is finished
-    at: tuple[int, int, int] = (0, 0, 1)  # manifest index, byte offset, line number to read next
-    check: tuple[int, int, str] | None = None  # span and hash of record watermark-1's line
-    done_above: dict[int, str] = field(default_factory=dict)  # seq -> line hash, beyond wm
+    marks: list[Boundary] = field(default_factory=list)  # per manifest: all before finished
+    done: dict[int, str] = field(default_factory=dict)  # key -> line hash, beyond its mark
+    doubt: dict[int, Doubt] = field(default_factory=dict)  # call's first key -> doubt
     counts: Counts = field(default_factory=Counts)
-    last_write: float | None = None  # unix time of the last watermark
-    manifests: list[dict[str, Any]] = field(default_factory=list)  # as the header lists them
-    doubt: dict[int, float] = field(default_factory=dict)  # call's first seq -> first sent
+    manifests: list[str] = field(default_factory=list)  # as the header lists them
+    last_write: float | None = None  # when the checkpoint was last written
+    damaged: int = 0  # damaged lines skipped while reading
 
     @property
     def finished(self) -> int:
-        return self.watermark + len(self.done_above)
+        return sum(m.records for m in self.marks) + len(self.done)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "snap": {
+                "marks": [[m.records, m.offset, m.line, m.digest] for m in self.marks],
+                "done": [[k, h] for k, h in sorted(self.done.items())],
+                "doubt": [[k, d.first_sent, d.until] for k, d in sorted(self.doubt.items())],
+                "n": [self.counts.succeeded, self.counts.failed, self.counts.rejected],
+            }
+        }
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        """Replay one journal line."""
+        if "f" in doc:
+            keys, hashes, status = doc["f"], doc["h"], doc["st"]
+            fresh = 0
+            for key, h in zip(keys, hashes, strict=True):
+                key = int(key)
+                if self._below(key) or key in self.done:
+                    continue
+                self.done[key] = str(h)
+                fresh += 1
+            self.counts.tally(status, fresh)
+            if keys:
+                self.doubt.pop(int(keys[0]), None)
+        elif "w" in doc:
+            self.advance(int(doc["w"]), _boundary(doc["at"]))
+        elif "d" in doc:
+            key = int(doc["d"])
+            if not self._below(key) and key not in self.done:
+                earlier = self.doubt.get(key)
+                first = float(doc["t"]) if earlier is None else earlier.first_sent
+                self.doubt[key] = Doubt(first, float(doc["u"]))
+        elif "c" in doc:
+            self.doubt.pop(int(doc["c"]), None)
+        elif "snap" in doc:
+            snap = doc["snap"]
+            self.marks = [_boundary(m) for m in snap["marks"]]
+            self.done = {int(k): str(h) for k, h in snap["done"]}
+            self.doubt = {int(k): Doubt(float(t), float(u)) for k, t, u in snap["doubt"]}
+            self.counts = Counts(*(int(x) for x in snap["n"]))
+
+    def advance(self, manifest: int, mark: Boundary) -> None:
+        old = self.marks[manifest]
+        if mark.records <= old.records:
+            return
+        self.marks[manifest] = mark
+        base = manifest << KEY_BITS
+        for n in range(old.records, mark.records):
+            self.done.pop(base | n, None)
+
+    def _below(self, key: int) -> bool:
+        m = manifest_of(key)
+        return m < len(self.marks) and record_of(key) < self.marks[m].records
 
 
-@dataclass(frozen=True, slots=True)
-class Mark:
-    """Where a record's line is, kept until the watermark passes it."""
-
-    manifest: int
-    start: int
-    end: int
-    line: int
-    hash: str
+def _boundary(doc: Sequence[Any]) -> Boundary:
+    records, offset, line, digest = doc
+    return Boundary(int(records), int(offset), int(line), str(digest))
 
 
 class Journal:
-    """Appends completions and watermarks; one writer, flushed by the job's flush task."""
+    """Appends changes, and a snapshot now and then; flushed by the job's flush task."""
 
-    def __init__(self, path: str, handle: Any, point: ResumePoint) -> None:
+    def __init__(self, path: str, handle: BinaryIO, point: ResumePoint, tail: int) -> None:
         self.path = path
+        self.lock: BinaryIO | None = None  # held while the job runs
         self._file = handle  # binary append handle
-        self._watermark = point.watermark  # every seq below it is finished
-        self._at = point.at  # resume position for the watermark
-        self._check = point.check
-        self._above: dict[int, str] = dict(point.done_above)  # finished beyond the watermark
-        self._marks: dict[int, Mark] = {}  # positions of records read but not below watermark
-        self._counts = point.counts
-        self._buffer: list[bytes] = []  # entries not yet written
-        self._dirty = False  # something to write
-        self._doubt: dict[int, float] = {}  # first seq of each call sent, unfinished -> unix time
+        self._state = ResumePoint(
+            marks=list(point.marks),
+            done=dict(point.done),
+            doubt=dict(point.doubt),
+            counts=Counts(point.counts.succeeded, point.counts.failed, point.counts.rejected),
+        )
+        self._low = [m.records for m in point.marks]  # per manifest: first record not finished
+        self._bounds: list[deque[Boundary]] = [deque() for _ in point.marks]  # passed, pending
+        self._hashes: dict[int, str] = {}  # line hashes of records read and not finished
+        self._buffer: list[bytes] = []  # lines not yet written
+        self._since_snapshot = tail  # bytes written after the last snapshot
+        self._snapshot_size = 0
+        self._snapshot_due = point.damaged > 0  # restate what was read around damage
 
     @property
     def counts(self) -> Counts:
-        return self._counts
+        return self._state.counts
 
-    def read(self, seq: int, mark: Mark) -> None:
-        """The producer read record ``seq`` at ``mark``."""
-        self._marks[seq] = mark
+    def read(self, key: int, hash_: str) -> None:
+        """The producer read record ``key``, which is not finished."""
+        self._hashes[key] = hash_
+
+    def skip(self, key: int) -> None:
+        """The producer read record ``key``, which an earlier run finished."""
+        self._advance(manifest_of(key))
+
+    def boundary(self, manifest: int, mark: Boundary) -> None:
+        """The producer read every line of ``manifest`` before ``mark``."""
+        self._bounds[manifest].append(mark)
+        self._advance(manifest)
 
     def finish(
-        self, seqs: Sequence[int], status: int | str, request_id: str = "", etag: str = ""
+        self, keys: Sequence[int], status: int | str, request_id: str = "", etag: str = ""
     ) -> None:
-        """Record that the records ``seqs`` (one call's) are finished, at the next flush.
+        """Record that the records ``keys`` (one call's) are finished, at the next flush.
 
         One line for the whole call: a torn write loses all of it or none, so a resume never
         sees part of a merged call done and regroups the rest under another retry token.
         """
-        hashes = [self._marks[seq].hash for seq in seqs]
-        entry: dict[str, Any] = {"s": list(seqs), "h": hashes, "st": status}
+        hashes = [self._hashes.pop(key) for key in keys]
+        entry: dict[str, Any] = {"f": list(keys), "h": hashes, "st": status}
         if request_id:
             entry["rid"] = request_id
         if etag:
             entry["etag"] = etag
-        self._buffer.append(orjson.dumps(entry))
-        n = len(seqs)
-        if status == REJECTED:
-            self._counts.rejected += n
-        elif isinstance(status, int) and 200 <= status < 300:
-            self._counts.succeeded += n
-        else:
-            self._counts.failed += n
-        for seq, h in zip(seqs, hashes, strict=True):
-            self._above[seq] = h
-        self._dirty = True
-        self._advance()
+        self._buffer.append(seal(entry))
+        self._state.apply(entry)
+        for m in {manifest_of(key) for key in keys}:
+            self._advance(m)
 
-    def skip(self, seq: int, mark: Mark) -> None:
-        """The producer read record ``seq``, which an earlier run finished."""
-        self._marks[seq] = mark
-        self._advance()
+    def sent(self, key: int, first_sent: float, until: float) -> None:
+        """A call (named by its first record) is going out: in doubt until it finishes."""
+        entry = {"d": key, "t": round(first_sent, 3), "u": round(until, 3)}
+        self._buffer.append(seal(entry))
+        self._state.apply(entry)
 
-    def _advance(self) -> None:
-        # a seq is passed once finished and read (its position is then known)
-        while self._watermark in self._above and self._watermark in self._marks:
-            del self._above[self._watermark]
-            passed = self._marks.pop(self._watermark)
-            self._at = (passed.manifest, passed.end, passed.line + 1)
-            self._check = (passed.start, passed.end, passed.hash)
-            self._watermark += 1
-            self._dirty = True
+    def settled(self, key: int) -> None:
+        """A call left unfinished is known not to have been applied."""
+        if key in self._state.doubt:
+            self._buffer.append(seal({"c": key}))
+            self._state.doubt.pop(key)
 
-    def sent(self, first_seq: int, when: float) -> None:
-        """A call (named by its first record) went out: in doubt until it finishes."""
-        self._doubt[first_seq] = round(when, 3)
-        self._dirty = True
-
-    def answered(self, first_seq: int) -> None:
-        self._doubt.pop(first_seq, None)
+    def _advance(self, manifest: int) -> None:
+        state, base = self._state, manifest << KEY_BITS
+        low = self._low[manifest]
+        while (base | low) in state.done:
+            low += 1
+        self._low[manifest] = low
+        bounds = self._bounds[manifest]
+        mark = None
+        while bounds and bounds[0].records <= low:
+            mark = bounds.popleft()
+        if mark is not None and mark.records > state.marks[manifest].records:
+            state.advance(manifest, mark)
+            self._buffer.append(
+                seal({"w": manifest, "at": [mark.records, mark.offset, mark.line, mark.digest]})
+            )
 
     def pending_bytes(self) -> bytes:
-        """What the next flush writes: the new entries and a watermark. Clears the buffer."""
-        if not self._dirty:
+        """What the next flush writes: the changes, and a snapshot when due."""
+        if not self._buffer and not self._snapshot_due:
             return b""
-        wm = {
-            "wm": self._watermark,
-            "at": list(self._at),
-            "chk": list(self._check) if self._check else None,
-            "above": [[s, h] for s, h in sorted(self._above.items())],
-            "n": [self._counts.succeeded, self._counts.failed, self._counts.rejected],
-            "doubt": [[s, t] for s, t in sorted(self._doubt.items())],
-            "t": round(time.time(), 3),
-        }
-        self._buffer.append(orjson.dumps(wm))
-        out = b"\n".join(self._buffer) + b"\n"
+        out = b"".join(self._buffer)
         self._buffer = []
-        self._dirty = False
+        self._since_snapshot += len(out)
+        if self._snapshot_due or self._since_snapshot > max(
+            SNAPSHOT_EVERY, 2 * self._snapshot_size
+        ):
+            snap = seal(self._state.snapshot())
+            out += snap
+            self._snapshot_size = len(snap)
+            self._since_snapshot = 0
+            self._snapshot_due = False
         return out
 
     def write(self, data: bytes) -> None:
@@ -190,28 +314,65 @@ class Journal:
 
     def close(self) -> None:
         durable.close_quietly(self._file)
+        if self.lock is not None:
+            durable.close_quietly(self.lock)  # releases the lock
+
+
+def lock_job(path: str) -> BinaryIO:
+    """Hold ``path``.lock for as long as the job runs: two processes resuming one job at
+    once (a cron run that overlaps the last one) would send the same records twice."""
+    import fcntl
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    handle = open(path + ".lock", "ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise CheckpointError(
+            f"checkpoint {path} is in use by another batchlog process running this job; "
+            "wait for it to finish (two at once would send the same records twice)"
+        ) from None
+    return handle
 
 
 def header_doc(
-    target: str, manifests: list[dict[str, Any]], grouping: dict[str, int]
+    target: str, manifests: list[str], grouping: dict[str, int], dead_letter: str = ""
 ) -> dict[str, Any]:
     return {
         "batchlog_checkpoint": FORMAT,
         "target": target,
         "manifests": manifests,
         "grouping": grouping,
+        "dead_letter": dead_letter,
         "created": round(time.time(), 3),
     }
 
 
 def open_journal(path: str, header: dict[str, Any], restart: bool) -> tuple[Journal, ResumePoint]:
-    """Open or create the checkpoint at ``path`` for the job that ``header`` describes."""
+    """Open or create the checkpoint at ``path`` for the job that ``header`` describes, and
+    hold its lock until the journal is closed."""
+    try:
+        lock = lock_job(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot lock checkpoint {path}: {exc.strerror or exc}") from None
+    try:
+        journal, point = _open(path, header, restart)
+    except BaseException:
+        durable.close_quietly(lock)
+        raise
+    journal.lock = lock
+    return journal, point
+
+
+def _open(path: str, header: dict[str, Any], restart: bool) -> tuple[Journal, ResumePoint]:
     try:
         if restart or not os.path.exists(path) or os.path.getsize(path) == 0:
             return _create(path, header)
-        existing, point = read_checkpoint(path, repair=True)
+        existing, point, tail = _read(path, repair=True)
         if existing.get("target") != header["target"] and not (
-            point.counts.succeeded or point.counts.failed
+            point.counts.succeeded or point.counts.failed or point.doubt
         ):
             return _create(path, header)  # nothing ever reached that target: start afresh
     except OSError as exc:
@@ -221,20 +382,22 @@ def open_journal(path: str, header: dict[str, Any], restart: bool) -> tuple[Jour
         handle = open(path, "ab")
     except OSError as exc:
         raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from None
-    return Journal(path, handle, point), point
+    return Journal(path, handle, point, tail), point
 
 
 def _create(path: str, header: dict[str, Any]) -> tuple[Journal, ResumePoint]:
+    point = ResumePoint(marks=[Boundary() for _ in header["manifests"]])
+    point.manifests = list(header["manifests"])
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(orjson.dumps(header) + b"\n")
+        f.write(seal(header) + seal(point.snapshot()))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    point = ResumePoint()
-    return Journal(path, open(path, "ab"), point), point
+    durable.sync_directory(parent)  # the new file's name survives a power cut too
+    return Journal(path, open(path, "ab"), point, 0), point
 
 
 def _check_same_job(
@@ -245,8 +408,7 @@ def _check_same_job(
         raise CheckpointError(
             f"checkpoint {path} belongs to another target ({existing.get('target')}); {hint}"
         )
-    old = [m["path"] for m in existing.get("manifests", [])]
-    new = [m["path"] for m in header["manifests"]]
+    old, new = existing.get("manifests"), header["manifests"]
     if old != new:
         raise CheckpointError(
             f"checkpoint {path} was written for manifests {old}, not {new}; {hint}"
@@ -259,109 +421,97 @@ def _check_same_job(
         )
 
 
+def read_checkpoint(path: str, repair: bool = False) -> tuple[dict[str, Any], ResumePoint]:
+    """The header and the resume point, reading only the header and the tail."""
+    header, point, _ = _read(path, repair)
+    return header, point
+
+
 _TAIL_CHUNK = 1 << 16
 
 
-def read_checkpoint(path: str, repair: bool = False) -> tuple[dict[str, Any], ResumePoint]:
-    """The header and the resume point, reading only the header and the tail.
-
-    A torn or corrupt tail is cut off (when ``repair``) with a warning.
-    """
+def _read(path: str, repair: bool) -> tuple[dict[str, Any], ResumePoint, int]:
     with open(path, "rb") as f:
         first = f.readline()
-        try:
-            header = orjson.loads(first)
-        except orjson.JSONDecodeError:
-            header = None
+        header = unseal(first)
         if not isinstance(header, dict) or header.get("batchlog_checkpoint") != FORMAT:
-            raise CheckpointError(f"{path} is not a batchlog checkpoint")
-        body_start = len(first)
+            raise CheckpointError(_not_a_checkpoint(path, first))
+        body = len(first)
         size = f.seek(0, os.SEEK_END)
-        lines, tail_start = _tail_lines(f, body_start, size)
-    point = ResumePoint()
-    entries: list[dict[str, Any]] = []
-    good_end = tail_start
-    bad = False
-    for raw in lines:
-        if not raw.endswith(b"\n"):
-            bad = True
-            break
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            bad = True
-            break
-        if not isinstance(doc, dict):
-            bad = True
-            break
-        good_end += len(raw)
-        if "wm" in doc:
-            entries = []
-            _apply_watermark(point, doc)
-        elif "s" in doc:
-            entries.append(doc)
-    if bad:
+        start = _last_snapshot(f, body, size)
+        f.seek(start)
+        data = f.read(size - start)
+    point = ResumePoint(marks=[Boundary() for _ in header.get("manifests", [])])
+    point.manifests = list(header.get("manifests", []))
+    point.last_write = os.path.getmtime(path)
+    good_end = start  # just past the last intact line
+    pos = start
+    damaged: list[int] = []  # offsets of damaged lines with intact lines after them
+    pending_bad: list[int] = []
+    for piece in data.split(b"\n")[:-1]:
+        line = piece + b"\n"
+        doc = unseal(line)
+        if isinstance(doc, dict):
+            damaged += pending_bad
+            pending_bad = []
+            point.apply(doc)
+            good_end = pos + len(line)
+        else:
+            pending_bad.append(pos)
+        pos += len(line)
+    point.damaged = len(damaged)
+    if damaged:
         log.warning(
-            "checkpoint %s: cut off a torn or corrupt tail of %d bytes (a crash while writing)",
+            "checkpoint %s: skipped %d damaged line(s) (a disk fault?); the records they "
+            "spoke for are checked again",
+            path,
+            len(damaged),
+        )
+    if good_end < size:
+        log.warning(
+            "checkpoint %s: cut off a torn or damaged tail of %d bytes (a crash while writing)",
             path,
             size - good_end,
         )
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(good_end)
-    for doc in entries:
-        _apply_entry(point, doc)
-    point.manifests = list(header.get("manifests", []))
-    return header, point
+                f.flush()
+                os.fsync(f.fileno())
+    return header, point, good_end - start
 
 
-def _tail_lines(f: Any, body_start: int, size: int) -> tuple[list[bytes], int]:
-    """Lines from the last watermark line on (or from the body's start), and their offset."""
+def _not_a_checkpoint(path: str, first: bytes) -> str:
+    try:
+        doc = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict) and "batchlog_checkpoint" in doc:
+        return (
+            f"checkpoint {path} was written by another version of batchlog (format "
+            f"{doc['batchlog_checkpoint']}, this one reads {FORMAT}); finish it with that "
+            "version, or use --restart (retry tokens are the same, so records sent in the "
+            "last 24 h are not applied twice)"
+        )
+    return f"{path} is not a batchlog checkpoint"
+
+
+def _last_snapshot(f: BinaryIO, body: int, size: int) -> int:
+    """Offset of the last intact snapshot line, or of the body's start if there is none."""
     end = size
     buf = b""
     while True:
-        start = max(body_start, end - _TAIL_CHUNK)
+        start = max(body, end - _TAIL_CHUNK)
         f.seek(start)
         buf = f.read(end - start) + buf
         end = start
-        # look for the last complete watermark line in what we have
         idx = len(buf)
         while True:
-            idx = buf.rfind(b'\n{"wm":', 0, idx)
+            idx = buf.rfind(b"\n" + _SNAP_MARK, 0, idx)
             if idx < 0:
                 break
             nl = buf.find(b"\n", idx + 1)
-            if nl >= 0:  # complete line: start from it
-                chunk = buf[idx + 1 :]
-                return chunk.splitlines(keepends=True), start + idx + 1
-        if start == body_start:  # no complete watermark after the first line
-            return buf.splitlines(keepends=True), start
-
-
-def _apply_watermark(point: ResumePoint, doc: dict[str, Any]) -> None:
-    point.watermark = int(doc["wm"])
-    m, off, line = doc["at"]
-    point.at = (int(m), int(off), int(line))
-    chk = doc.get("chk")
-    point.check = (int(chk[0]), int(chk[1]), str(chk[2])) if chk else None
-    point.done_above = {int(s): str(h) for s, h in doc.get("above", [])}
-    ok, failed, rejected = doc.get("n", [0, 0, 0])
-    point.counts = Counts(int(ok), int(failed), int(rejected))
-    point.last_write = float(doc.get("t", 0.0))
-    point.doubt = {int(seq): float(t) for seq, t in doc.get("doubt", [])}
-
-
-def _apply_entry(point: ResumePoint, doc: dict[str, Any]) -> None:
-    seqs, hashes = doc["s"], doc.get("h", [])
-    status = doc.get("st")
-    for seq, h in zip(seqs, hashes, strict=True):
-        seq = int(seq)
-        if seq < point.watermark or seq in point.done_above:
-            continue
-        point.done_above[seq] = str(h)
-        if status == REJECTED:
-            point.counts.rejected += 1
-        elif isinstance(status, int) and 200 <= status < 300:
-            point.counts.succeeded += 1
-        else:
-            point.counts.failed += 1
+            if nl >= 0 and unseal(buf[idx + 1 : nl + 1]) is not None:
+                return start + idx + 1
+        if start == body:  # the body's first line, if a snapshot, is read from here too
+            return body

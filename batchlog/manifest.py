@@ -1,21 +1,21 @@
 """Stream the lines of JSON Lines manifests (plain, .gz or stdin) with their positions.
 
-Reading is a stream: memory does not grow with a manifest's length. A job can start part
-way through (resume): ``open_at`` seeks to a byte offset, reading forward where the file
-cannot seek.
+Reading is a stream: memory does not grow with a manifest's length. A job resumes part way
+through at a ``Boundary``: ``ManifestReader`` reads the part before it back, checks that it
+is what an earlier run uploaded, and goes on from there.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from batchlog.errors import ConfigurationError
+from batchlog.errors import CheckpointError, ConfigurationError
 
 STDIN = "-"
 _CHUNK = 1 << 16
@@ -30,6 +30,7 @@ class Line:
     start: int  # byte offset of the line in the (decompressed) stream
     end: int  # byte offset just past the line
     raw: bytes  # the line without its line ending
+    record: int = 0  # index among the manifest's non-blank lines (the ManifestReader sets it)
 
 
 def display_name(path: str) -> str:
@@ -59,49 +60,126 @@ def open_stream(path: str) -> BinaryIO:
     return open(path, "rb", buffering=_CHUNK)
 
 
-def read_lines(path: str, manifest: int, offset: int = 0, first_line: int = 1) -> Iterator[Line]:
-    """Yield the non-blank lines of one manifest from ``offset`` on.
-
-    ``offset`` must be the start of a line (a position that an earlier run recorded).
-    """
+def read_lines(path: str, manifest: int) -> Iterator[Line]:
+    """Yield the non-blank lines of one manifest, numbered (no resume, no hashing)."""
     stream = open_stream(path)
     try:
-        skip_to(stream, offset)
-        pos = offset
-        number = first_line - 1
-        for chunk in stream:
-            number += 1
+        pos = 0
+        record = 0
+        for number, chunk in enumerate(stream, 1):
             start = pos
             pos += len(chunk)
             raw = chunk.rstrip(b"\r\n")
             if raw.strip():
-                yield Line(manifest, number, start, pos, raw)
+                yield Line(manifest, number, start, pos, raw, record)
+                record += 1
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
 
 
-def skip_to(stream: BinaryIO, offset: int) -> None:
-    if offset == 0:
-        return
-    if stream.seekable():
-        stream.seek(offset)
-        return
-    left = offset
-    while left:
-        got = stream.read(min(left, _CHUNK))
-        if not got:
-            raise ConfigurationError("manifest is shorter than the checkpoint says it was")
-        left -= len(got)
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+_PREFIX_CHUNK = 1 << 20
 
 
-def read_span(path: str, start: int, end: int) -> bytes | None:
-    """Bytes [start, end) of a manifest, or None where they cannot be read again (stdin)."""
-    if path == STDIN:
-        return None
-    with open_stream(path) as stream:
-        try:
-            stream.seek(start)
-        except (OSError, io.UnsupportedOperation):
-            return None
-        return stream.read(end - start)
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    """A place in a manifest just after a newline, and what lies before it.
+
+    ``records`` non-blank lines come before it; ``offset`` is its byte position (in the
+    decompressed stream for .gz), ``line`` the number of the line that starts there, and
+    ``digest`` the SHA-256 of every byte before it: a resume reads that prefix back and
+    goes on only when it is the same, so an edited, cut or different stream is refused.
+    """
+
+    records: int = 0
+    offset: int = 0
+    line: int = 1
+    digest: str = EMPTY_DIGEST
+
+
+class ManifestChanged(CheckpointError):
+    """The part of a manifest that an earlier run processed is not what it was."""
+
+
+class ManifestReader:
+    """One manifest read from a boundary on, hashing every byte that goes past.
+
+    ``check_prefix`` reads the bytes before the start boundary back (stdin and .gz cannot
+    seek, and a file's processed part must be checked anyway) and refuses them if they
+    differ; ``batch`` then hands out lines, each batch with the last boundary it passed.
+    """
+
+    def __init__(self, path: str, index: int, start: Boundary) -> None:
+        self.path = path
+        self.index = index
+        self.start = start
+        self._hasher = hashlib.sha256()
+        self._stream: BinaryIO | None = None
+        self._pos = 0  # byte offset of the next line
+        self._line = 1  # number of the next line
+        self._records = 0  # non-blank lines before the next line
+
+    @property
+    def records_read(self) -> int:
+        return self._records
+
+    def check_prefix(self) -> None:
+        """Read back up to the start boundary; raise ManifestChanged if it differs."""
+        start, name = self.start, display_name(self.path)
+        stream = self._stream = open_stream(self.path)
+        left = start.offset
+        while left:
+            got = stream.read(min(left, _PREFIX_CHUNK))
+            if not got:
+                raise ManifestChanged(
+                    f"{name} is shorter ({start.offset - left:,} bytes) than the "
+                    f"{start.offset:,} bytes an earlier run already uploaded"
+                )
+            self._hasher.update(got)
+            left -= len(got)
+        if self._hasher.hexdigest() != start.digest:
+            raise ManifestChanged(
+                f"{name}: lines 1-{start.line - 1} ({start.offset:,} bytes), already "
+                "uploaded by an earlier run, are not what they were"
+            )
+        self._pos, self._line, self._records = start.offset, start.line, start.records
+        if self.path != STDIN and not self.path.endswith(".gz"):
+            stream.close()  # reopened where it stopped by the first batch: no fd held
+            self._stream = None
+
+    def batch(self, size: int) -> tuple[list[Line], Boundary | None]:
+        """Up to ``size`` non-blank lines, and the last boundary passed (None if none)."""
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = open_stream(self.path)
+            stream.seek(self._pos)
+        lines: list[Line] = []
+        boundary: Boundary | None = None
+        ended = False  # the last chunk read ended with a newline
+        while len(lines) < size:
+            chunk = stream.readline()
+            if not chunk:
+                break
+            ended = chunk.endswith(b"\n")
+            if not ended:  # an unterminated last line: the last boundary is before it
+                boundary = self._here()
+            start = self._pos
+            self._pos += len(chunk)
+            raw = chunk.rstrip(b"\r\n")
+            if raw.strip():
+                lines.append(Line(self.index, self._line, start, self._pos, raw, self._records))
+                self._records += 1
+            self._line += 1
+            self._hasher.update(chunk)
+        if ended:
+            boundary = self._here()
+        return lines, boundary
+
+    def _here(self) -> Boundary:
+        return Boundary(self._records, self._pos, self._line, self._hasher.copy().hexdigest())
+
+    def close(self) -> None:
+        if self._stream is not None and self._stream is not sys.stdin.buffer:
+            self._stream.close()
+        self._stream = None

@@ -45,7 +45,7 @@ def make_call(target: Target, records: tuple[Record, ...]) -> Call:
         doc["model_json"] = first.model_json
     body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256(body).digest()
-    token_src = hashlib.sha256(f"{target.identity}\n{first.op}\n".encode() + body).hexdigest()
+    token_src = hashlib.sha256(f"{target.token_scope}\n{first.op}\n".encode() + body).hexdigest()
     return Call(
         op=first.op,
         run_id=first.run_id,

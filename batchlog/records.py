@@ -29,7 +29,7 @@ class Record:
     op: Op
     run_id: str
     dataset_inputs: tuple[dict[str, Any], ...]  # log-inputs only
-    model_json: str  # log-model only: the MLmodel document as compact JSON
+    model_json: str  # log-model only: the MLmodel document's JSON text, as written
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ class Counters:
     rejected: int = 0  # in this run: invalid manifest lines
     skipped: int = 0  # finished by an earlier run
     requests: int = 0  # HTTP attempts sent
+    read_backs: int = 0  # runs read back to learn whether a call in doubt was applied
     retries: int = 0
     throttled: int = 0  # attempts answered 429
     in_flight: int = 0  # requests awaiting an answer now
@@ -66,7 +67,14 @@ class Report:
     message: str  # why it stopped, or ""
     checkpoint: str
     dead_letter: str
-    in_doubt_expired: tuple[str, ...] = ()  # sources of calls unanswered for over 24 h
+    read_backs: int = 0
+    failed_total: int = 0  # failed records of the whole job, earlier runs included
+    rejected_total: int = 0  # rejected lines of the whole job, earlier runs included
+
+    @property
+    def unsuccessful_total(self) -> int:
+        """Records of the job that did not succeed (they are in the dead letter)."""
+        return max(self.failed_total + self.rejected_total, self.failed + self.rejected)
 
     @property
     def exit_code(self) -> int:
@@ -76,11 +84,10 @@ class Report:
             return EXIT_INTERRUPTED
         if self.status == "failed":
             return EXIT_SYSTEMIC
-        return EXIT_SOME_FAILED if (self.failed or self.rejected) else EXIT_OK
+        return EXIT_SOME_FAILED if self.unsuccessful_total else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc["in_doubt_expired"] = list(self.in_doubt_expired)
         doc["exit_code"] = self.exit_code
         return doc
 
@@ -95,6 +102,7 @@ class Report:
             rejected=c.rejected,
             skipped=c.skipped,
             requests=c.requests,
+            read_backs=c.read_backs,
             retries=c.retries,
             throttled=c.throttled,
             elapsed_s=round(time.monotonic() - c.started, 3),

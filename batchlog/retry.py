@@ -9,11 +9,17 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-Verdict = Literal["ok", "retry", "permanent", "unauthorized"]
+Verdict = Literal["ok", "retry", "permanent", "unauthorized", "redirect"]
 
 # 409 codes that describe a passing state, worth retrying (as the OCI SDK does)
 TRANSIENT_CONFLICTS = frozenset({"IncorrectState", "LockConflict", "ConcurrentModification"})
 NO_ANSWER = 0  # status of an attempt that got no HTTP answer (timeout, connection error)
+CANNOT_CONNECT = "CannotConnect"  # code: no connection could be made, nothing was sent
+SIGNING_FAILED = "SigningFailed"  # code: the request could not be signed, nothing was sent
+REDIRECT = "Redirect"  # code of a 3xx answer (redirects are never followed)
+# code of a 400/500 caused by a database unique constraint: two writes of the same thing
+# raced (a late-applied duplicate and its retry); it may have been applied: read it back
+UNIQUE_CONFLICT = "UniqueConflict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +32,15 @@ class Answer:
     request_id: str = ""  # opc-request-id echoed by the server (or the one we sent)
     etag: str = ""
     retry_after: float | None = None  # seconds, from a Retry-After header
+    sent: bool = True  # False: the request never reached the server
 
     @property
     def in_doubt(self) -> bool:
         """The request may have been applied although no success was seen."""
+        if not self.sent:  # no connection was made, or it was never signed
+            return False
+        if self.code == UNIQUE_CONFLICT:
+            return True
         return self.status == NO_ANSWER or self.status >= 500
 
 
@@ -44,6 +55,10 @@ class RetryPolicy:
         status = answer.status
         if 200 <= status < 300:
             return "ok"
+        if 300 <= status < 400:
+            return "redirect"  # a proxy or login page: never followed, never a success
+        if answer.code == UNIQUE_CONFLICT:
+            return "retry"  # a transient conflict: read back, then resend if absent
         if status == NO_ANSWER or status == 429 or (status >= 500 and status != 501):
             return "retry"
         if status == 409 and answer.code in TRANSIENT_CONFLICTS:

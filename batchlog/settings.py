@@ -44,12 +44,13 @@ def _stem(manifest: str) -> str:
     return stem
 
 
-def default_checkpoint(manifests: list[str]) -> str:
-    return _stem(manifests[0]) + ".batchlog-checkpoint"
+def default_checkpoint(manifests: list[str], kind: str = "") -> str:
+    """``kind`` keeps apart jobs that must never share a checkpoint (``emulated`` runs)."""
+    return _stem(manifests[0]) + (f".{kind}" if kind else "") + ".batchlog-checkpoint"
 
 
-def default_dead_letter(manifests: list[str]) -> str:
-    return _stem(manifests[0]) + ".dead-letter.jsonl"
+def default_dead_letter(manifests: list[str], kind: str = "") -> str:
+    return _stem(manifests[0]) + (f".{kind}" if kind else "") + ".dead-letter.jsonl"
 
 
 def resolve_paths(settings: Settings, manifests: list[str]) -> tuple[str, str]:

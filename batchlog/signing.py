@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 SIGNED_HEADERS = "date (request-target) host content-length content-type x-content-sha256"
+GET_SIGNED_HEADERS = "date (request-target) host"  # OCI signs a GET (no body) with these
 _PADDING = padding.PKCS1v15()
 _HASH = hashes.SHA256()
 
@@ -54,7 +55,9 @@ class StaticKey:
     def refresh(self) -> None:
         return None
 
-    def __repr__(self) -> str:  # never show the key
+    def __repr__(self) -> str:  # never show the key, nor a security token ("ST$<token>")
+        if self.key_id.startswith("ST$"):
+            return "StaticKey(key_id='ST$...')"
         return f"StaticKey(key_id={self.key_id.split('/')[-1]!r}...)"
 
 
@@ -70,6 +73,10 @@ def signing_string(date: str, path: str, host: str, length: int, body_sha256: st
     ).encode()
 
 
+def get_signing_string(date: str, path_and_query: str, host: str) -> bytes:
+    return f"date: {date}\n(request-target): get {path_and_query}\nhost: {host}".encode()
+
+
 def sign_post(
     keys: KeySource, path: str, host: str, length: int, body_sha256: str
 ) -> dict[str, str]:
@@ -81,6 +88,21 @@ def sign_post(
         "date": date,
         "authorization": (
             f'Signature version="1",headers="{SIGNED_HEADERS}",keyId="{key_id}",'
+            f'algorithm="rsa-sha256",signature="{base64.b64encode(signature).decode()}"'
+        ),
+    }
+
+
+def sign_get(keys: KeySource, path_and_query: str, host: str) -> dict[str, str]:
+    """The date and authorization headers for a GET of ``path_and_query`` (already
+    percent-encoded, exactly as sent), stamped now. Blocking (RSA)."""
+    key_id, key = keys.current()
+    date = http_date()
+    signature = key.sign(get_signing_string(date, path_and_query, host), _PADDING, _HASH)
+    return {
+        "date": date,
+        "authorization": (
+            f'Signature version="1",headers="{GET_SIGNED_HEADERS}",keyId="{key_id}",'
             f'algorithm="rsa-sha256",signature="{base64.b64encode(signature).decode()}"'
         ),
     }

@@ -7,27 +7,47 @@ it neither blocks the event loop nor waits behind anything else; retries sleep o
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import json
 import os
+import re
 import secrets
 import ssl
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 from yarl import URL
 
 from batchlog.plan import Call
-from batchlog.retry import NO_ANSWER, Answer, parse_retry_after
-from batchlog.signing import KeySource, sign_post
+from batchlog.retry import (
+    CANNOT_CONNECT,
+    NO_ANSWER,
+    REDIRECT,
+    SIGNING_FAILED,
+    UNIQUE_CONFLICT,
+    Answer,
+    parse_retry_after,
+)
+from batchlog.signing import KeySource, sign_get, sign_post
 from batchlog.target import MlflowTarget, Target
 
 _MAX_MESSAGE = 500
+HISTORY_TAG = "mlflow.log-model.history"  # where MLflow keeps a run's logged models
+# a database's unique-constraint violation (sqlite, Postgres, MySQL, SQL Server): MLflow
+# answers 400 or 500 with one of these when a late-applied duplicate and its retry race
+_UNIQUE_VIOLATION = re.compile(
+    r"UNIQUE constraint failed|duplicate key value violates unique constraint"
+    r"|Duplicate entry|Cannot insert duplicate key"
+)
+_UNIQUE_STATUSES = frozenset({400, 409, 500})
 
 
 def signing_threads() -> int:
@@ -179,7 +199,13 @@ class Transport:
             await self._signers.run(self._keys.refresh)
 
     async def send(self, call: Call) -> Answer:
-        """One attempt: sign now, post, and describe what came back. Never raises on HTTP."""
+        """One attempt: sign now, post, and describe what came back. Never raises on HTTP.
+
+        Redirects are never followed (a 302 to a login page is not a success): a 3xx is
+        answered as code Redirect. A connection that could not be made (refused, DNS, TLS,
+        connect timeout) or a request that could not be signed is answered with
+        ``sent=False``: it never reached the server, so it is not in doubt.
+        """
         assert self._session is not None and self._signers is not None
         headers = dict(self._fixed_headers)
         request_id = ""
@@ -197,37 +223,55 @@ class Transport:
                     call.body_sha256,
                 )
             except Exception as exc:  # a principal token that cannot be fetched, a broken key
-                return Answer(NO_ANSWER, "SigningFailed", type(exc).__name__, request_id)
+                return Answer(NO_ANSWER, SIGNING_FAILED, type(exc).__name__, request_id, sent=False)
             headers.update(signed)
             headers["x-content-sha256"] = call.body_sha256
         try:
             async with self._session.post(
-                self._urls[call.op], data=call.body, headers=headers
+                self._urls[call.op], data=call.body, headers=headers, allow_redirects=False
             ) as resp:
                 payload = await resp.read()
-                rid = resp.headers.get("opc-request-id", request_id)
-                if 200 <= resp.status < 300:
-                    return Answer(resp.status, request_id=rid, etag=resp.headers.get("etag", ""))
-                code, message = _error_body(payload)
-                return Answer(
-                    resp.status,
-                    code,
-                    message,
-                    rid,
-                    retry_after=parse_retry_after(resp.headers.get("retry-after")),
-                )
+                return _answer(resp.status, resp.headers, payload, request_id)
+        # A connector error is raised while the connection is being made, before any byte
+        # of the request is written; aiohttp re-sends on a fresh connection only for
+        # idempotent methods, never a POST, so it never follows a request that went out. A
+        # reset of a kept-alive connection is a ClientOSError or ServerDisconnectedError
+        # instead: the request may have been applied, it stays in doubt.
+        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake/certificate
+            return Answer(NO_ANSWER, CANNOT_CONNECT, _connect_problem(exc), request_id, sent=False)
+        except aiohttp.ConnectionTimeoutError:  # the connection was never made
+            return Answer(
+                NO_ANSWER,
+                CANNOT_CONNECT,
+                f"connection to {self._host} timed out",
+                request_id,
+                sent=False,
+            )
         except asyncio.TimeoutError:
             return Answer(NO_ANSWER, "Timeout", "no answer within the timeout", request_id)
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientError as exc:  # e.g. a kept-alive connection reset: may have landed
             return Answer(NO_ANSWER, type(exc).__name__, str(exc)[:_MAX_MESSAGE], request_id)
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        """An MLflow run as runs/get returns it; None when it cannot be read now."""
-        assert self._session is not None and isinstance(self._target, MlflowTarget)
-        url = URL(self._target.endpoint + self._target.prefix + "/api/2.0/mlflow/runs/get")
+        """The run as runs/get returns it (``{"info", "data", "inputs"}``); None when it
+        cannot be read now (no connection, timeout, any answer but 200, not JSON).
+
+        OCI: a GET signed over ``date (request-target) host``, with an opc-request-id.
+        MLflow: with the target's Authorization header, if any.
+        """
+        assert self._session is not None and self._signers is not None
+        path_and_query = f"{self._target.path('get')}?run_id={quote(run_id, safe='')}"
         headers = {k: v for k, v in self._fixed_headers.items() if k != "content-type"}
+        if self._keys is not None:
+            headers["opc-request-id"] = self._ids.next()
+            try:
+                signed = await self._signers.run(sign_get, self._keys, path_and_query, self._host)
+            except Exception:
+                return None
+            headers.update(signed)
+        url = URL(self._target.endpoint + path_and_query, encoded=True)
         try:
-            async with self._session.get(url.with_query(run_id=run_id), headers=headers) as resp:
+            async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status != 200:
                     return None
                 doc = orjson.loads(await resp.read())
@@ -236,30 +280,212 @@ class Transport:
         run = doc.get("run") if isinstance(doc, dict) else None
         return run if isinstance(run, dict) else None
 
-
-def logged_models(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The models in an MLflow run's mlflow.log-model.history tag."""
-    for tag in run.get("data", {}).get("tags", []):
-        if tag.get("key") == "mlflow.log-model.history":
+    async def is_applied(self, call: Call) -> bool | None:
+        """Whether the call's effect is on the server, read back with runs/get: log-model,
+        its model (by ``model_identity``) among the run's logged models; log-inputs, every
+        (name, digest) of its datasets among the run's dataset inputs. None when the run
+        cannot be read now (or its model history cannot be parsed)."""
+        run = await self.get_run(call.run_id)
+        if run is None:
+            return None
+        if call.op == "log-model":
+            models = _history(run)
+            if models is None:
+                return None
             try:
-                models = orjson.loads(tag.get("value", "[]"))
-            except orjson.JSONDecodeError:
-                return []
-            return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+                ours = model_identity(parse_model(call.records[0].model_json))
+            except ValueError:
+                return None
+            return any(model_identity(m) == ours for m in models)
+        have = logged_datasets(run)
+        for record in call.records:
+            for item in record.dataset_inputs:
+                dataset = item.get("dataset") or {}
+                if (dataset.get("name"), dataset.get("digest")) not in have:
+                    return False
+        return True
+
+
+def _answer(status: int, headers: Mapping[str, str], payload: bytes, request_id: str) -> Answer:
+    """An HTTP answer described (``headers`` as aiohttp gives them: case-insensitive)."""
+    rid = headers.get("opc-request-id", request_id)
+    if 200 <= status < 300:
+        return Answer(status, request_id=rid, etag=headers.get("etag", ""))
+    if 300 <= status < 400:
+        return Answer(status, REDIRECT, f"redirected to {_location(headers.get('location'))}", rid)
+    code, message = _error_body(payload)
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if status in _UNIQUE_STATUSES:
+        conflict = _unique_conflict(code, message, payload)
+        if conflict is not None:
+            return Answer(status, UNIQUE_CONFLICT, conflict, rid, retry_after=retry_after)
+    return Answer(status, code, message[:_MAX_MESSAGE], rid, retry_after=retry_after)
+
+
+def _location(value: str | None) -> str:
+    """A Location header for a message: without credentials, query or fragment (a login
+    page's query carries state and nonces)."""
+    if not value:
+        return "(no Location)"
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "(an unparsable Location)"
+    netloc = parts.netloc.rpartition("@")[2]
+    shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    if parts.query or parts.fragment:
+        shown += "?…"
+    return shown[:300]
+
+
+def _unique_conflict(code: str, message: str, payload: bytes) -> str | None:
+    """The message of a unique-constraint violation, or None if it is not one."""
+    text = message
+    found = _UNIQUE_VIOLATION.search(text)
+    if found is None:  # elsewhere in the body (a stack trace field)?
+        text = payload.decode("utf-8", errors="replace")
+        found = _UNIQUE_VIOLATION.search(text)
+        if found is None:
+            return None
+    start = max(0, found.start() - 60)
+    excerpt = ("…" if start else "") + text[start:]
+    return ((f"{code}: " if code else "") + excerpt)[:_MAX_MESSAGE]
+
+
+def _connect_problem(exc: aiohttp.ClientConnectorError) -> str:
+    """Why no connection was made, in a few words (no secrets: host, port, the OS's reason)."""
+    where = f"{exc.host}:{exc.port}"
+    error = exc.os_error
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {exc.host} ({error.strerror or type(error).__name__})"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert = exc.certificate_error
+        reason = getattr(cert, "verify_message", "") or str(cert)
+        return f"TLS certificate of {where} not accepted: {reason}"[:_MAX_MESSAGE]
+    if isinstance(exc, aiohttp.ClientSSLError):
+        reason = getattr(error, "reason", "") or str(error)
+        return f"TLS handshake with {where} failed: {reason}"[:_MAX_MESSAGE]
+    if error.errno == errno.ECONNREFUSED or isinstance(error, ConnectionRefusedError):
+        return f"connection refused to {where}"
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"cannot connect to {where}: {reason}"[:_MAX_MESSAGE]
+
+
+def _int_like_orjson(text: str) -> int | float:
+    """json.loads' parse_int, as orjson reads integers: beyond 64 bits, a float."""
+    value = int(text)
+    return value if -(1 << 63) <= value < (1 << 64) else float(text)
+
+
+def _loads(text: str | bytes) -> Any:
+    """JSON as orjson reads it; what orjson refuses (NaN, Infinity) through json, with the
+    same reading of integers. Raises ValueError."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_int=_int_like_orjson)
+
+
+def parse_model(model_json: str) -> dict[str, Any]:
+    """A record's model_json as a dict, read the way ``logged_models`` reads the server's.
+    Raises ValueError if it is not a JSON object."""
+    model = _loads(model_json)
+    if not isinstance(model, dict):
+        raise ValueError("model_json is not a JSON object")
+    return model
+
+
+def _history(run: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The models in the run's history tag; [] without one; None if it cannot be parsed."""
+    data = run.get("data")
+    tags = data.get("tags") if isinstance(data, dict) else None
+    for tag in tags if isinstance(tags, list) else []:
+        if isinstance(tag, dict) and tag.get("key") == HISTORY_TAG:
+            try:
+                models = _loads(tag.get("value") or "[]")
+            except ValueError:
+                return None
+            if not isinstance(models, list):
+                return None
+            return [m for m in models if isinstance(m, dict)]
     return []
 
 
-def model_identity(model: dict[str, Any]) -> tuple[str, str]:
-    return str(model.get("artifact_path")), str(model.get("utc_time_created"))
+def logged_models(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The models in an MLflow run's mlflow.log-model.history tag ([] if unreadable)."""
+    return _history(run) or []
+
+
+def logged_datasets(run: dict[str, Any]) -> set[tuple[str, str]]:
+    """(name, digest) of every dataset input of a run as runs/get returns it."""
+    inputs = run.get("inputs")
+    items = inputs.get("dataset_inputs") if isinstance(inputs, dict) else None
+    have: set[tuple[str, str]] = set()
+    for item in items if isinstance(items, list) else []:
+        dataset = item.get("dataset") if isinstance(item, dict) else None
+        if isinstance(dataset, dict):
+            have.add((str(dataset.get("name", "")), str(dataset.get("digest", ""))))
+    return have
+
+
+# What MLflow keeps of a logged model in the run's history tag: its server stores
+# Model.from_dict(sent).get_tags_dict(), i.e. only these fields, plus model_uuid (null when
+# none was sent) and flavors without each flavor's "config" entry; everything else
+# (signature, metadata, mlflow_version, saved_input_example_info, ...) is dropped, and
+# utc_time_created goes through str(). Checked against a real `mlflow server`
+# (tests/test_transport.py).
+_MODEL_FIELDS_KEPT = ("artifact_path", "run_id", "utc_time_created")
+
+
+def model_identity(model: dict[str, Any]) -> str:
+    """What makes a logged model the one a record sent, comparable with ``==`` between a
+    record's model and one read back from a run's history.
+
+    The model's ``model_uuid`` when it has one (MLflow keeps it). Otherwise the canonical
+    JSON (sorted keys, at any depth) of the whole model as MLflow keeps it: artifact_path,
+    run_id, utc_time_created and flavors, each flavor without its "config" entry. Fields
+    MLflow drops from the history cannot tell two models apart on the server, so they are
+    left out on both sides; a server that keeps the model whole (the emulator) compares
+    equal the same way.
+    """
+    uuid = model.get("model_uuid")
+    if isinstance(uuid, str) and uuid:
+        return uuid
+    kept: dict[str, Any] = {k: model[k] for k in _MODEL_FIELDS_KEPT if model.get(k) is not None}
+    if "utc_time_created" in kept:
+        kept["utc_time_created"] = str(kept["utc_time_created"])
+    flavors = model.get("flavors")
+    if isinstance(flavors, dict):
+        kept["flavors"] = {
+            name: (
+                {k: v for k, v in config.items() if k != "config"}
+                if isinstance(config, dict)
+                else config
+            )
+            for name, config in flavors.items()
+        }
+    else:
+        kept["flavors"] = {} if flavors is None else flavors
+    return _canonical(kept)
+
+
+def _canonical(value: Any) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, for one
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+        )
 
 
 def _error_body(payload: bytes) -> tuple[str, str]:
+    """The error's code and its whole message (callers shorten it)."""
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return "", payload[:_MAX_MESSAGE].decode("utf-8", errors="replace")
+        return "", payload[: _MAX_MESSAGE * 8].decode("utf-8", errors="replace")
     if not isinstance(doc, dict):
         return "", str(doc)[:_MAX_MESSAGE]
     code = doc.get("code") or doc.get("error_code") or ""
     message = doc.get("message") or ""
-    return str(code), str(message)[:_MAX_MESSAGE]
+    return str(code), str(message)

@@ -1,11 +1,15 @@
 """Turn one manifest line into a record, or say exactly which field is wrong and why.
 
 Pure functions, no I/O: every rule of the README's manifest format lives here.
+A line is never half-read: a key given twice in one object, a lone surrogate or nesting
+deeper than MAX_NESTING rejects the line, and a model_json object is sent as written.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +30,11 @@ RECORD_FIELDS = ("op", "run_id", "dataset_inputs", "datasets", "model_json")
 INPUT_FIELDS = ("dataset", "tags")
 DATASET_FIELDS = tuple(DATASET_LIMITS)
 TAG_FIELDS = ("key", "value")
+MAX_NESTING = 512  # arrays and objects inside one another; deeper lines are rejected
+
+_PLAIN_KEY = re.compile(r"[\w\-]+")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_COLON_ESCAPE = "\\u003"  # a colon written \u003a escapes the count (catches \u0030-f too)
 
 
 class Invalid(Exception):
@@ -57,13 +66,10 @@ def parse_line(raw: bytes, seq: int, source: str) -> Record | Rejection:
 
 def _parse(raw: bytes, seq: int, source: str) -> Record:
     try:
-        raw.decode("utf-8")
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Invalid("(line)", f"not valid UTF-8 at byte {exc.start}") from None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise Invalid("(line)", f"invalid JSON: {exc}") from None
+    doc = _load_json(line, "", "invalid JSON")
     if not isinstance(doc, dict):
         raise Invalid("(line)", f"expected a JSON object, got {_kind(doc)}")
     _reject_unknown(doc, RECORD_FIELDS, "")
@@ -76,10 +82,131 @@ def _parse(raw: bytes, seq: int, source: str) -> Record:
     if not RUN_ID_PATTERN.fullmatch(run_id):
         raise Invalid("run_id", f"{_short(run_id)} does not match ^[a-zA-Z0-9][\\w\\-]{{0,255}}$")
     if op == "log-inputs":
-        name = "dataset_inputs" if "dataset_inputs" in doc else "datasets"
-        inputs = tuple(_dataset_inputs(doc.get(name, []), name))
+        name = "datasets" if "datasets" in doc else "dataset_inputs"
+        if name not in doc:
+            raise Invalid(name, "nothing to log")
+        inputs = tuple(_dataset_inputs(doc[name], name))
         return Record(seq, source, raw, op, run_id, inputs, "")
-    return Record(seq, source, raw, op, run_id, (), _model_json(doc.get("model_json")))
+    return Record(seq, source, raw, op, run_id, (), _model_json(doc["model_json"], line))
+
+
+def _load_json(text: str, path: str, not_json: str) -> Any:
+    """Parse one JSON document; Invalid names the member at fault, under ``path``.
+
+    orjson is fast and strict (no NaN, no lone surrogate) but keeps the last of a duplicated
+    key, reads integers beyond 64 bits as floats and refuses numbers beyond a double. Its
+    result stands when the text provably has no duplicated key: a colon is either a
+    member's or inside a string, so writing the result back gives as many colons as the
+    text has unless a member was dropped (a colon written as an escape takes the careful
+    way). Everything else is decided by the stdlib parser, which sees every member.
+    """
+    try:
+        doc = orjson.loads(text)
+        if _COLON_ESCAPE not in text and text.count(":") == orjson.dumps(doc).count(b":"):
+            return doc
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        pass  # not JSON, a number beyond a double, or nested deeper than orjson writes
+    try:
+        doc = _STRICT_JSON.decode(text)
+        _check_members(doc, path, 1)
+    except (json.JSONDecodeError, _NotJson) as exc:
+        raise Invalid(path or "(line)", f"{not_json}: {exc}") from None
+    except RecursionError:
+        raise Invalid(path or "(line)", f"nested more than {MAX_NESTING} levels deep") from None
+    return doc
+
+
+class _NotJson(Exception):
+    """A value that JSON does not have (NaN, Infinity) in text the stdlib parser reads."""
+
+
+class _DuplicatedKey(dict[str, Any]):
+    """A parsed object in which ``key`` was given more than once."""
+
+    def __init__(self, members: list[tuple[str, Any]], key: str) -> None:
+        super().__init__(members)
+        self.key = key
+
+
+def _object(members: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(members)
+    if len(obj) == len(members):
+        return obj
+    seen: set[str] = set()
+    for key, _ in members:
+        if key in seen:
+            return _DuplicatedKey(members, key)
+        seen.add(key)
+    raise AssertionError("unreachable: fewer keys than members means a repeat")
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _integer(text: str) -> int | float:
+    """An integer; one too long for int() (4300 digits) only needs to be known as a number."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+_STRICT_JSON = json.JSONDecoder(
+    object_pairs_hook=_object, parse_constant=_no_constant, parse_int=_integer
+)
+_SKIPPING_JSON = json.JSONDecoder(parse_int=_integer)
+
+
+def _check_members(value: Any, path: str, depth: int) -> None:
+    """Reject the first duplicated key, lone surrogate or too deep nesting, depth first."""
+    if isinstance(value, str):
+        if surrogate := _LONE_SURROGATE.search(value):
+            raise Invalid(path or "(line)", _not_unicode(surrogate.group()))
+        return
+    if depth > MAX_NESTING and isinstance(value, (dict, list)):
+        raise RecursionError  # treated like the parser running out of stack
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_members(item, f"{path}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        if isinstance(value, _DuplicatedKey):
+            raise Invalid(_member(path, value.key), "duplicated key")
+        for key, item in value.items():
+            if surrogate := _LONE_SURROGATE.search(key):
+                raise Invalid(_member(path, key), _not_unicode(surrogate.group()))
+            _check_members(item, _member(path, key), depth + 1)
+
+
+def _not_unicode(surrogate: str) -> str:
+    return f"a lone surrogate escape (\\u{ord(surrogate):04x}) is not Unicode text"
+
+
+def _member(path: str, key: str) -> str:
+    """The path of member ``key`` of the object at ``path``: path.key, or path["key"]."""
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+def _member_text(line: str, name: str) -> str:
+    """The text of top-level member ``name``'s value as written (``line`` is a JSON object)."""
+    scan = _SKIPPING_JSON.raw_decode
+    pos = line.index("{") + 1
+    while True:
+        key, pos = scan(line, _skip_space(line, pos))
+        start = _skip_space(line, line.index(":", pos) + 1)
+        _, end = scan(line, start)
+        if key == name:
+            return line[start:end]
+        pos = line.index(",", end) + 1  # name is further on, so a comma follows
+
+
+def _skip_space(text: str, pos: int) -> int:
+    """The first position from ``pos`` on that is not JSON whitespace."""
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
 
 
 def _op(doc: dict[str, Any]) -> Op:
@@ -111,18 +238,20 @@ def _op(doc: dict[str, Any]) -> Op:
 def _dataset_inputs(value: Any, name: str) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise Invalid(name, f"expected an array, got {_kind(value)}")
+    if not value:
+        raise Invalid(name, "nothing to log")
     out = []
     for i, item in enumerate(value):
         path = f"{name}[{i}]"
         if not isinstance(item, dict):
             raise Invalid(path, f"expected an object, got {_kind(item)}")
-        _reject_unknown(item, INPUT_FIELDS, path + ".")
+        _reject_unknown(item, INPUT_FIELDS, path)
         dataset = item.get("dataset")
         if dataset is None:
             raise Invalid(path + ".dataset", "required")
         if not isinstance(dataset, dict):
             raise Invalid(path + ".dataset", f"expected an object, got {_kind(dataset)}")
-        _reject_unknown(dataset, DATASET_FIELDS, path + ".dataset.")
+        _reject_unknown(dataset, DATASET_FIELDS, path + ".dataset")
         for key in DATASET_REQUIRED:
             if key not in dataset:
                 raise Invalid(f"{path}.dataset.{key}", "required")
@@ -137,7 +266,7 @@ def _dataset_inputs(value: Any, name: str) -> list[dict[str, Any]]:
             tpath = f"{path}.tags[{j}]"
             if not isinstance(tag, dict):
                 raise Invalid(tpath, f"expected an object, got {_kind(tag)}")
-            _reject_unknown(tag, TAG_FIELDS, tpath + ".")
+            _reject_unknown(tag, TAG_FIELDS, tpath)
             for key, limit in (("key", TAG_KEY_MAX), ("value", TAG_VALUE_MAX)):
                 if key not in tag:
                     raise Invalid(f"{tpath}.{key}", "required")
@@ -149,12 +278,10 @@ def _dataset_inputs(value: Any, name: str) -> list[dict[str, Any]]:
     return out
 
 
-def _model_json(value: Any) -> str:
+def _model_json(value: Any, line: str) -> str:
+    """The MLmodel document as sent: a string as given, an object as written in ``line``."""
     if isinstance(value, str):
-        try:
-            model = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise Invalid("model_json", f"not a JSON document: {exc}") from None
+        model = _load_json(value, "model_json", "not a JSON document")
     elif isinstance(value, dict):
         model = value
     else:
@@ -168,11 +295,12 @@ def _model_json(value: Any) -> str:
         raise Invalid("model_json.artifact_path", "expected a non-empty string")
     if not isinstance(model["flavors"], dict):
         raise Invalid("model_json.flavors", f"expected an object, got {_kind(model['flavors'])}")
-    if not isinstance(model["run_id"], str):
-        raise Invalid("model_json.run_id", f"expected a string, got {_kind(model['run_id'])}")
+    for key in ("utc_time_created", "run_id"):
+        if not isinstance(model[key], str):
+            raise Invalid(f"model_json.{key}", f"expected a string, got {_kind(model[key])}")
     if isinstance(value, str):
         return value
-    return orjson.dumps(value).decode()
+    return _member_text(line, "model_json")
 
 
 def _string(value: Any, field: str, limit: int) -> None:
@@ -182,13 +310,13 @@ def _string(value: Any, field: str, limit: int) -> None:
         raise Invalid(field, f"{len(value)} characters, more than the limit of {limit}")
 
 
-def _reject_unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
+def _reject_unknown(obj: dict[str, Any], known: tuple[str, ...], path: str) -> None:
     for key in obj:
         if key in known or key.startswith("_"):
             continue
         guess = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-        raise Invalid(prefix + key, f"unknown field{hint}")
+        raise Invalid(_member(path, key), f"unknown field{hint}")
 
 
 def _strip_notes(obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Read every run of a manifest back from an MLflow server: the proof a migration is complete.
 
 A log-inputs record is complete when each of its datasets (name and digest) is among the
-run's dataset inputs; a log-model record when its model (artifact path and creation time)
-is in the run's ``mlflow.log-model.history`` tag.
+run's dataset inputs; a log-model record when its model (``transport.model_identity``: the
+model_uuid, or the whole model as MLflow keeps it) is in the run's
+``mlflow.log-model.history`` tag.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import anyio
-import orjson
 
 from batchlog.manifest import check_readable
 from batchlog.records import Record
 from batchlog.target import MlflowTarget
-from batchlog.transport import Transport, logged_models, model_identity
+from batchlog.transport import (
+    Transport,
+    logged_datasets,
+    logged_models,
+    model_identity,
+    parse_model,
+)
 from batchlog.validate import parse_manifests
 
 BATCH = 256  # records checked together (their runs are read concurrently)
@@ -92,13 +98,12 @@ def _missing(record: Record, run: dict[str, object] | None) -> str:
     if run is None:
         return f"run {record.run_id} not found (or not readable)"
     if record.op == "log-model":
-        ours = model_identity(orjson.loads(record.model_json))
+        model = parse_model(record.model_json)
+        ours = model_identity(model)
         if any(model_identity(m) == ours for m in logged_models(run)):
             return ""
-        return f"model {ours[0]} of {ours[1]} not logged"
-    inputs = run.get("inputs")
-    logged = inputs.get("dataset_inputs", []) if isinstance(inputs, dict) else []
-    have = {(d.get("dataset", {}).get("name"), d.get("dataset", {}).get("digest")) for d in logged}
+        return f"model {model.get('artifact_path')} of {model.get('utc_time_created')} not logged"
+    have = logged_datasets(run)
     absent = [
         d["dataset"]["name"]
         for d in record.dataset_inputs

@@ -275,7 +275,8 @@ def memory(work: Workdir, n: int, out: list[str]) -> None:
     try:
         first = client(work, "batchlog", emu, manifest, "--checkpoint", ckpt)
         with open(manifest, "ab") as f:  # a scheduled sync appends one record
-            f.write(orjson.dumps({"run_id": "late", "dataset_inputs": []}) + b"\n")
+            late = {"name": "late", "digest": "d1", "source": "s3://b/late", "source_type": "s3"}
+            f.write(orjson.dumps({"run_id": "late", "datasets": [{"dataset": late}]}) + b"\n")
         again = client(work, "batchlog", emu, manifest, "--checkpoint", ckpt, "--resume")
     finally:
         emu.close()

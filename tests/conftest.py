@@ -164,3 +164,71 @@ def run_cli(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         env=env,
         **kwargs,
     )
+
+
+# ---- shared helpers appended for the stateful, proxy and in-flight tests -----------------
+
+
+def free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mlflow_server(root: Path, workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    """A real `mlflow server` (sqlite under ``root``, loopback, a free port); waits for /health.
+
+    The caller stops it with ``stop_mlflow_server``. Started as tests/test_mlflow.py does.
+    """
+    import time
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_loopback_port()
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'db.sqlite'}",
+                "--default-artifact-root",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, uri
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_mlflow_server(proc)
+            raise RuntimeError("mlflow server did not start: " + log_path.read_text()[-3000:])
+        time.sleep(0.5)
+
+
+def stop_mlflow_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -1,28 +1,58 @@
-"""The checkpoint journal: watermark, completions above it, torn tails, foreign checkpoints."""
+"""The checkpoint journal: watermarks, completions above them, doubts, snapshots, damage."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
+from batchlog import journal as journal_module
 from batchlog.errors import CheckpointError
-from batchlog.journal import REJECTED, Mark, header_doc, open_journal, read_checkpoint
+from batchlog.journal import (
+    REJECTED,
+    Journal,
+    ResumePoint,
+    header_doc,
+    open_journal,
+    read_checkpoint,
+    record_key,
+)
+from batchlog.manifest import Boundary
 
 GROUPING = {"max_datasets": 100, "max_body": 1 << 20}
 
 
-def header(target: str = "t1") -> dict[str, object]:
-    return header_doc(target, [{"path": "m.jsonl", "head_len": 0, "head": None}], GROUPING)
+def header(target: str = "t1", manifests: int = 1) -> dict[str, object]:
+    return header_doc(target, [f"m{i}.jsonl" for i in range(manifests)], GROUPING)
+
+
+def after(n: int) -> Boundary:
+    """The boundary after record n-1 when every line is 10 bytes and a record."""
+    return Boundary(n, n * 10, n + 1, f"digest-{n}")
+
+
+def open_(path: Path, target: str = "t1", manifests: int = 1) -> tuple[Journal, ResumePoint]:
+    return open_journal(str(path), header(target, manifests), restart=False)
+
+
+def read_all(journal: Journal, point: ResumePoint, upto: int = 10, m: int = 0) -> None:
+    """The producer reads records from the watermark to ``upto``, one boundary per line."""
+    for n in range(point.marks[m].records, upto):
+        key = record_key(m, n)
+        if key in point.done:
+            journal.skip(key)
+        else:
+            journal.read(key, f"h{n}")
+        journal.boundary(m, after(n + 1))
 
 
 def fill(path: Path, finished: list[int], status: int | str = 200, target: str = "t1") -> None:
-    journal, point = open_journal(str(path), header(target), restart=False)
-    for seq in range(point.watermark, 10):
-        journal.read(seq, Mark(0, seq * 10, seq * 10 + 10, seq + 1, f"h{seq}"))
-    for seq in finished:
-        journal.finish([seq], status, "RID", "ETAG")
+    journal, point = open_(path, target)
+    read_all(journal, point)
+    for n in finished:
+        journal.finish([record_key(0, n)], status, "RID", "ETAG")
     journal.write(journal.pending_bytes())
     journal.close()
 
@@ -31,10 +61,8 @@ def test_watermark_and_finished_above(tmp_path: Path) -> None:
     path = tmp_path / "c"
     fill(path, [0, 1, 2, 5, 7])
     _, point = read_checkpoint(str(path))
-    assert point.watermark == 3
-    assert point.at == (0, 30, 4)  # after line 3 (seq 2)
-    assert point.check == (20, 30, "h2")
-    assert point.done_above == {5: "h5", 7: "h7"}
+    assert point.marks == [after(3)]
+    assert point.done == {5: "h5", 7: "h7"}
     assert point.counts.succeeded == 5
 
 
@@ -43,15 +71,14 @@ def test_resume_appends_and_advances(tmp_path: Path) -> None:
     fill(path, [0, 2])
     fill(path, [1, 3])
     _, point = read_checkpoint(str(path))
-    assert point.watermark == 4 and point.done_above == {}
+    assert point.marks == [after(4)] and point.done == {}
     assert (point.counts.succeeded, point.counts.failed) == (4, 0)
 
 
 def test_failures_and_rejections_are_counted(tmp_path: Path) -> None:
     path = tmp_path / "c"
-    journal, _ = open_journal(str(path), header(), restart=False)
-    for seq in range(3):
-        journal.read(seq, Mark(0, seq, seq + 1, seq + 1, "h"))
+    journal, point = open_(path)
+    read_all(journal, point, upto=3)
     journal.finish([0], 200)
     journal.finish([1], 404)
     journal.finish([2], REJECTED)
@@ -59,88 +86,236 @@ def test_failures_and_rejections_are_counted(tmp_path: Path) -> None:
     journal.close()
     _, point = read_checkpoint(str(path))
     c = point.counts
-    assert (c.succeeded, c.failed, c.rejected, point.watermark) == (1, 1, 1, 3)
+    assert (c.succeeded, c.failed, c.rejected, point.marks[0].records) == (1, 1, 1, 3)
+
+
+def test_manifests_have_watermarks_of_their_own(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    journal, point = open_(path, manifests=2)
+    read_all(journal, point, upto=3, m=0)
+    read_all(journal, point, upto=2, m=1)
+    for key in (record_key(0, 0), record_key(1, 0), record_key(1, 1)):
+        journal.finish([key], 200)
+    journal.write(journal.pending_bytes())
+    journal.close()
+    _, point = read_checkpoint(str(path))
+    assert point.marks == [after(1), after(2)]
 
 
 def test_torn_tail_is_cut_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "c"
     fill(path, [0, 1])
     good = path.read_bytes()
+    entry = journal_module.seal({"f": [2], "h": ["h2"], "st": 200})
     with open(path, "ab") as f:
-        f.write(b'{"s": [2], "h": ["h2"], "st": 200}\n{"wm": 3, "at": [0, 3')  # kill -9 mid-write
+        f.write(entry + b'{"w": 0, "at": [3, 30')  # kill -9 mid-write
     with caplog.at_level(logging.WARNING, logger="batchlog"):
         _, point = read_checkpoint(str(path), repair=True)
-    assert "torn or corrupt tail" in caplog.text
-    # the complete entry survives, the torn watermark is cut
-    assert point.watermark == 2 and point.done_above == {2: "h2"}
-    assert path.read_bytes() == good + b'{"s": [2], "h": ["h2"], "st": 200}\n'
+    assert "torn or damaged tail" in caplog.text
+    assert point.marks == [after(2)] and point.done == {2: "h2"}
+    assert path.read_bytes() == good + entry
 
 
-def test_garbage_tail_is_cut(tmp_path: Path) -> None:
+def test_zero_filled_tail_is_cut(tmp_path: Path) -> None:
     path = tmp_path / "c"
     fill(path, [0])
+    good = path.read_bytes()
     with open(path, "ab") as f:
-        f.write(b"\x00\x00\x00garbage\n")
+        f.write(b"\0" * 4096)  # what some file systems leave after a power cut
     _, point = read_checkpoint(str(path), repair=True)
-    assert point.watermark == 1
-    fill(path, [1])  # and the job goes on
+    assert point.marks == [after(1)]
+    assert path.read_bytes() == good
+
+
+def test_one_damaged_byte_in_the_last_snapshot_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 10: a damaged last watermark used to reset the resume to zero."""
+    monkeypatch.setattr(journal_module, "SNAPSHOT_EVERY", 0)  # a snapshot every flush
+    path = tmp_path / "c"
+    journal, point = open_(path)
+    read_all(journal, point)
+    journal.sent(record_key(0, 9), 1000.0, 1060.0)
+    for n in range(9):
+        journal.finish([record_key(0, n)], 200)
+        journal.write(journal.pending_bytes())
+    journal.close()
+    _, intact = read_checkpoint(str(path))
+    data = bytearray(path.read_bytes())
+    last = data.rindex(b'{"snap":')
+    digit = data.index(b"digest-", last) + len(b"digest-")
+    data[digit] = ord("7") if data[digit] != ord("7") else ord("8")  # still valid JSON
+    path.write_bytes(bytes(data))
     _, point = read_checkpoint(str(path))
-    assert point.watermark == 2
+    assert point.marks == intact.marks == [after(9)]
+    assert point.counts == intact.counts
+    assert point.doubt == intact.doubt
 
 
-def test_checkpoint_of_another_target_is_refused(tmp_path: Path) -> None:
+def test_a_damaged_line_in_the_middle_is_skipped_not_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "c"
+    fill(path, [0, 1])
+    fill(path, [2, 3])
+    data = bytearray(path.read_bytes())
+    second = data.index(b'{"f":[1]')  # the entry of record 1: damaged
+    data[second + 3] = ord("9")
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="batchlog"):
+        _, point = read_checkpoint(str(path), repair=True)
+    assert "damaged line" in caplog.text
+    # the lines after it still count (the watermark lines restate record 1 as done)
+    assert point.marks == [after(4)] and point.counts.succeeded == 3
+    assert path.read_bytes() == bytes(data)  # good lines after it are never cut
+
+
+def test_doubts_survive_runs_that_never_reach_them(tmp_path: Path) -> None:
+    """Item 4: a run stopping before an earlier run's in-doubt call used to forget it."""
+    path = tmp_path / "c"
+    journal, point = open_(path)
+    read_all(journal, point)
+    journal.sent(record_key(0, 9), 1000.0, 1060.0)
+    journal.write(journal.pending_bytes())
+    journal.close()
+    for _ in range(3):  # later runs finish other records, with snapshots in between
+        journal, point = open_(path)
+        read_all(journal, point, upto=9)
+        for n in range(9):
+            if record_key(0, n) not in point.done and n >= point.marks[0].records:
+                journal.finish([record_key(0, n)], 200)
+                break
+        journal._snapshot_due = True
+        journal.write(journal.pending_bytes())
+        journal.close()
+    _, point = read_checkpoint(str(path))
+    doubt = point.doubt[record_key(0, 9)]
+    assert (doubt.first_sent, doubt.until) == (1000.0, 1060.0)
+
+
+def test_a_finished_call_is_no_longer_in_doubt(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    journal, point = open_(path)
+    read_all(journal, point, upto=2)
+    journal.sent(record_key(0, 0), 1.0, 2.0)
+    journal.sent(record_key(0, 1), 1.0, 2.0)
+    journal.finish([record_key(0, 0)], 500)
+    journal.settled(record_key(0, 1))
+    journal.write(journal.pending_bytes())
+    journal.close()
+    _, point = read_checkpoint(str(path))
+    assert point.doubt == {}
+
+
+def test_one_slow_record_keeps_the_checkpoint_linear(tmp_path: Path) -> None:
+    """Item 11: every watermark restated all records above it: quadratic growth."""
+    n = 20_000
+    path = tmp_path / "c"
+    journal, point = open_(path)
+    for i in range(n):
+        journal.read(record_key(0, i), f"{i:016x}")
+        journal.boundary(0, after(i + 1))
+    for i in range(1, n):  # record 0 is held by a slow server the whole time
+        journal.finish([record_key(0, i)], 200)
+        if i % 50 == 0:  # a flush every 50 completions
+            journal.write(journal.pending_bytes())
+    journal.finish([record_key(0, 0)], 200)
+    journal.write(journal.pending_bytes())
+    journal.close()
+    size = os.path.getsize(path)
+    assert size < 4 * n * 60, size  # about 60 bytes a record, and snapshots of bounded cost
+    _, point = read_checkpoint(str(path))
+    assert point.marks == [after(n)] and point.done == {}
+
+
+def test_resume_reads_only_the_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many flushes: the resume point comes from the last snapshot on, and is right."""
+    monkeypatch.setattr(journal_module, "SNAPSHOT_EVERY", 1 << 16)
+    path = tmp_path / "c"
+    journal, point = open_(path)
+    n = 30_000
+    for i in range(n):
+        journal.read(record_key(0, i), "h")
+        journal.boundary(0, after(i + 1))
+        journal.finish([record_key(0, i)], 200)
+        if i % 100 == 0:
+            journal.write(journal.pending_bytes())
+    journal.write(journal.pending_bytes())
+    journal.close()
+    size = os.path.getsize(path)
+    read_bytes = 0
+    real_read = journal_module._read
+
+    def counting(p: str, repair: bool) -> object:
+        nonlocal read_bytes
+        out = real_read(p, repair)
+        read_bytes = out[2]
+        return out
+
+    monkeypatch.setattr(journal_module, "_read", counting)
+    _, point = read_checkpoint(str(path))
+    assert point.marks == [after(n)] and point.counts.succeeded == n
+    assert read_bytes < 3 * journal_module.SNAPSHOT_EVERY < size
+
+
+def test_another_target_or_manifest_list_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c"
     fill(path, [0])
     with pytest.raises(CheckpointError, match="another target"):
-        open_journal(str(path), header("t2"), restart=False)
-    journal, point = open_journal(str(path), header("t2"), restart=True)
-    journal.close()
-    assert point.watermark == 0
+        open_(path, target="t2")
+    with pytest.raises(CheckpointError, match="manifests"):
+        open_(path, manifests=2)
 
 
-def test_target_may_change_while_nothing_reached_it(tmp_path: Path) -> None:
+def test_another_target_with_nothing_sent_starts_afresh(tmp_path: Path) -> None:
     path = tmp_path / "c"
-    fill(path, [0], status=REJECTED)  # only a rejected line: no request was ever answered
-    journal, point = open_journal(str(path), header("t2"), restart=False)
+    fill(path, [0], status=REJECTED)
+    journal, point = open_(path, target="t2")
     journal.close()
-    assert point.watermark == 0
+    assert point.finished == 0
+
+
+def test_an_older_format_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    path.write_bytes(b'{"batchlog_checkpoint": 1, "target": "t1"}\n')
+    with pytest.raises(CheckpointError, match="another version of batchlog"):
+        read_checkpoint(str(path))
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "c"
-    path.write_text('{"run_id": "x"}\n')
+    path.write_bytes(b"hello\n")
     with pytest.raises(CheckpointError, match="not a batchlog checkpoint"):
-        open_journal(str(path), header(), restart=False)
+        read_checkpoint(str(path))
 
 
-def test_resume_reads_only_the_tail(tmp_path: Path) -> None:
-    """Many flushes: the resume point comes from the last watermark, and is right."""
-    path = tmp_path / "c"
-    journal, _ = open_journal(str(path), header(), restart=False)
-    n = 20_000
-    for seq in range(n):
-        journal.read(seq, Mark(0, seq, seq + 1, seq + 1, "h"))
-        journal.finish([seq], 200)
-        if seq % 100 == 0:
-            journal.write(journal.pending_bytes())
-    journal.write(journal.pending_bytes())
+def test_creating_files_syncs_their_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 16: the journal and dead letter were fsync'ed, their directory never."""
+    from batchlog import durable
+    from batchlog.deadletter import DeadLetter
+
+    synced: list[str] = []
+    real = durable.sync_directory
+
+    def spy(path: str) -> None:
+        synced.append(os.path.abspath(path))
+        real(path)
+
+    monkeypatch.setattr(durable, "sync_directory", spy)
+    journal, _ = open_(tmp_path / "sub" / "c")
     journal.close()
-    _, point = read_checkpoint(str(path))
-    assert point.watermark == n and point.counts.succeeded == n
+    DeadLetter(str(tmp_path / "dl" / "d.jsonl"), set_aside=True).close()
+    assert synced == [str(tmp_path / "sub"), str(tmp_path / "dl")]
 
 
-def test_a_merged_call_is_one_line(tmp_path: Path) -> None:
-    """A torn write drops a whole call or none of it: never part of a merged call."""
+def test_two_processes_never_run_one_job_at_once(tmp_path: Path) -> None:
+    """A cron run overlapping the last one would send the same records twice."""
     path = tmp_path / "c"
-    journal, _ = open_journal(str(path), header(), restart=False)
-    for seq in range(3):
-        journal.read(seq, Mark(0, seq, seq + 1, seq + 1, f"h{seq}"))
-    journal.finish([0, 1, 2], 200, "RID")
-    data = journal.pending_bytes()
+    journal, _ = open_(path)
+    with pytest.raises(CheckpointError, match="in use by another batchlog process"):
+        open_(path)
     journal.close()
-    lines = data.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(b'{"s":[0,1,2]')
-    # torn inside that line: nothing of the call counts as done
-    path.write_bytes(path.read_bytes() + data[: len(lines[0]) // 2])
-    _, point = read_checkpoint(str(path), repair=True)
-    assert point.finished == 0
+    again, _ = open_(path)  # released on close
+    again.close()

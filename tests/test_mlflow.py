@@ -189,7 +189,9 @@ def test_kill_midway_and_resume_logs_no_model_twice(tmp_path: Path, mlflow_uri: 
     runs = new_runs(mlflow_uri, 100)
     records = [model(run, r * 10 + j) for r, run in enumerate(runs) for j in range(4)]
     manifest = write_manifest(tmp_path / "m.jsonl", records)
-    args = [*mlflow_args(mlflow_uri, str(manifest)), "--concurrency", "16"]
+    # a resume reads an in-doubt call back once its attempt can no longer land: a short
+    # attempt timeout keeps that wait short here
+    args = [*mlflow_args(mlflow_uri, str(manifest)), "--concurrency", "16", "--timeout", "5"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OCI_", "MLFLOW_"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchlog", *args],
@@ -218,3 +220,32 @@ def test_kill_midway_and_resume_logs_no_model_twice(tmp_path: Path, mlflow_uri: 
         assert logged == [f"model-{r * 10 + j}" for j in range(4)], (run, logged)
     ok = run_cli(["verify", "--target", "mlflow", "--tracking-uri", mlflow_uri, str(manifest)])
     assert ok.returncode == 0, ok.stdout
+
+
+def test_many_unknown_runs_reach_the_dead_letter_in_mlflow_terms(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    """More unknown runs than the systemic threshold: each is the record's own failure
+    (MLflow says RESOURCE_DOES_NOT_EXIST), never a stop blaming an OCI workspace."""
+    runs = new_runs(mlflow_uri, 1)
+    unknown = [dataset(f"{i:032x}", i) for i in range(12)]
+    manifest = write_manifest(tmp_path / "m.jsonl", [*unknown, dataset(runs[0], 99)])
+    out = run_cli([*mlflow_args(mlflow_uri, str(manifest)), "--concurrency", "4"])
+    assert out.returncode == 1, out.stderr
+    dead = [orjson.loads(x) for x in (tmp_path / "m.dead-letter.jsonl").read_bytes().splitlines()]
+    assert sorted(d["run_id"] for d in dead) == sorted(r["run_id"] for r in unknown)
+    assert {d["_error"]["code"] for d in dead} == {"RESOURCE_DOES_NOT_EXIST"}
+    for word in ("platform", "workspace", "retry token", "OCI"):
+        assert word not in out.stderr, out.stderr
+
+
+def test_a_tracking_uri_that_is_not_mlflow_stops_in_mlflow_terms(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    runs = new_runs(mlflow_uri, 10)
+    manifest = write_manifest(tmp_path / "m.jsonl", [dataset(run, i) for i, run in enumerate(runs)])
+    out = run_cli(mlflow_args(mlflow_uri + "/not-mlflow", str(manifest)))
+    assert out.returncode == 3, out.stderr
+    assert "does not seem to point at an MLflow server" in out.stderr
+    assert "platform" not in out.stderr and "workspace" not in out.stderr
+    assert not (tmp_path / "m.dead-letter.jsonl").read_bytes()

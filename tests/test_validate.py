@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchlog.records import Record, Rejection
 from batchlog.validate import parse_line
@@ -44,7 +49,7 @@ def test_datasets_is_a_synonym_and_notes_are_dropped() -> None:
     }
 
 
-def test_model_json_object_becomes_compact_string() -> None:
+def test_model_json_object_is_sent_as_written() -> None:
     item = parse(model_record("run1", 3))
     assert isinstance(item, Record)
     assert item.op == "log-model"
@@ -132,3 +137,234 @@ def test_tag_limits() -> None:
 def test_run_id_limit() -> None:
     assert isinstance(parse(inputs_record("a" * 256, "ds")), Record)
     assert rejected(inputs_record("a" * 257, "ds"))[0] == "run_id"
+
+
+def model_line(model_json_text: str) -> bytes:
+    """A log-model line whose model_json value is given as text, followed by a note."""
+    return (
+        '{"op": "log-model", "run_id": "r1", "model_json": '
+        + model_json_text
+        + ', "_note": {"model_json": 1}}'
+    ).encode()
+
+
+def model_text(metadata: str) -> str:
+    return (
+        '{"artifact_path": "model", "flavors": {"python_function": {}}, '
+        '"utc_time_created": "2024-05-01 10:00:00.000000", "run_id": "r1", '
+        f'"metadata": {metadata}}}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (b'{"op": "log-inputs", "run_id": "r1"}', "dataset_inputs"),
+        (b'{"run_id": "r1", "dataset_inputs": []}', "dataset_inputs"),
+        (b'{"op": "log-inputs", "run_id": "r1", "dataset_inputs": []}', "dataset_inputs"),
+        (b'{"run_id": "r1", "datasets": []}', "datasets"),
+        (b'{"op": "log-inputs", "run_id": "r1", "datasets": []}', "datasets"),
+    ],
+)
+def test_a_log_inputs_record_with_no_datasets_is_rejected(line: bytes, field: str) -> None:
+    assert rejected(line) == (field, "nothing to log")
+
+
+def test_a_record_with_neither_datasets_nor_model_is_rejected() -> None:
+    assert rejected(b'{"run_id": "r1"}') == (
+        "op",
+        "missing, and neither dataset_inputs nor model_json is given",
+    )
+
+
+INPUTS_LINE = (
+    '{"run_id": "r1", "dataset_inputs": [{"dataset": {"name": "ds1", "digest": "d1", '
+    '"source": "s3://b/ds1", "source_type": "s3"}, "tags": [{"key": "k", "value": "v"}]}]}'
+)
+MODEL_WITH_FLAVOR = model_text("{}").replace(
+    '"python_function": {}', '"sklearn": {"sklearn_version": "1.5.2"}'
+)
+DUPLICATED_VERSION = MODEL_WITH_FLAVOR.replace(
+    '"sklearn_version": "1.5.2"', '"sklearn_version": "1.5.2", "sklearn_version": "1.6"'
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (INPUTS_LINE.replace('"run_id": "r1"', '"run_id": "r1", "run_id": "r2"'), "run_id"),
+        (INPUTS_LINE.replace('"tags": [', '"tags": [], "tags": ['), "dataset_inputs[0].tags"),
+        (
+            INPUTS_LINE.replace('"name": "ds1"', '"name": "ds1", "name": "ds2"'),
+            "dataset_inputs[0].dataset.name",
+        ),
+        (
+            INPUTS_LINE.replace('"dataset_inputs"', '"datasets"').replace(
+                '"digest": "d1"', '"digest": "d1", "digest": "d2"'
+            ),
+            "datasets[0].dataset.digest",
+        ),
+        (
+            INPUTS_LINE.replace('"key": "k"', '"key": "k", "key": "k2"'),
+            "dataset_inputs[0].tags[0].key",
+        ),
+        (INPUTS_LINE[:-1] + ', "_note": 1, "_note": 2}', "_note"),
+        (INPUTS_LINE[:-1] + ', "_note": [{"a": 1, "a": 2}]}', "_note[0].a"),
+        # an escaped colon in the kept value hides the dropped member from a colon count
+        (INPUTS_LINE[:-1] + ', "_n": "x", "_n": "\\u003a"}', "_n"),
+        (model_line(DUPLICATED_VERSION).decode(), "model_json.flavors.sklearn.sklearn_version"),
+        (
+            model_line(json.dumps(DUPLICATED_VERSION)).decode(),
+            "model_json.flavors.sklearn.sklearn_version",
+        ),
+        (
+            model_line(model_text('{"a.b": 1, "a.b": 1}')).decode(),
+            'model_json.metadata["a.b"]',
+        ),
+        (model_line(MODEL_WITH_FLAVOR).decode()[:-1] + ', "model_json": {}}', "model_json"),
+    ],
+)
+def test_a_duplicated_key_is_rejected_with_its_path(line: str, field: str) -> None:
+    assert rejected(line.encode()) == (field, "duplicated key")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        '{"big": 123456789012345678901234567890}',
+        '{"tenth": 0.1, "third": 0.333333333333333333333333333}',
+        '{"huge": 1e400, "tiny": 1E-400, "negative_zero": -0.0, "exponent": 1.50e+2}',
+        '{"digits": ' + "9" * 5000 + "}",
+        '{ "spaced" : [ 1 , 2.0 ] , "text": "caf\\u00e9 \\"q\\" \u00e9 :" }',
+    ],
+)
+@pytest.mark.parametrize("as_string", [False, True])
+def test_model_json_is_sent_exactly_as_written(metadata: str, as_string: bool) -> None:
+    text = model_text(metadata)
+    item = parse(model_line(json.dumps(text) if as_string else text))
+    assert isinstance(item, Record), item
+    assert item.model_json == text
+
+
+def test_deeply_nested_model_json_is_sent_and_too_deep_a_line_is_rejected() -> None:
+    deep = model_text("[" * 300 + "]" * 300)
+    item = parse(model_line(deep))
+    assert isinstance(item, Record), item
+    assert item.model_json == deep
+    for depth in (600, 5000):
+        field, reason = rejected(model_line(model_text("[" * depth + "]" * depth)))
+        assert (field, reason) == ("(line)", "nested more than 512 levels deep")
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [("5", "a number"), ("null", "null"), ("{}", "an object"), ("[]", "an array")],
+)
+def test_model_json_utc_time_created_must_be_a_string(value: str, kind: str) -> None:
+    text = model_text("{}").replace('"2024-05-01 10:00:00.000000"', value)
+    for model_json in (text, json.dumps(text)):
+        assert rejected(model_line(model_json)) == (
+            "model_json.utc_time_created",
+            f"expected a string, got {kind}",
+        )
+
+
+def test_text_that_is_not_unicode_is_rejected_where_it_is() -> None:
+    line = INPUTS_LINE.replace('"ds1"', '"\\ud800"', 1).encode()
+    assert rejected(line) == (
+        "dataset_inputs[0].dataset.name",
+        "a lone surrogate escape (\\ud800) is not Unicode text",
+    )
+    assert rejected(b'{"run_id": "r1", "model_json": {"x": NaN}}')[0] == "(line)"
+
+
+def assert_well_formed(item: Record | Rejection) -> None:
+    assert isinstance(item, (Record, Rejection))
+    if isinstance(item, Rejection):
+        assert item.field and item.reason
+        assert str(item) == f"m.jsonl:7: {item.field}: {item.reason}"
+        assert "\n" not in str(item)
+        str(item).encode("utf-8")  # printable: no lone surrogates
+
+
+@settings(database=None, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_give_a_record_or_a_rejection(raw: bytes) -> None:
+    assert_well_formed(parse_line(raw, 0, "m.jsonl:7"))
+
+
+KEYS = [
+    *("run_id", "op", "dataset_inputs", "datasets", "model_json", "dataset", "tags"),
+    *("name", "digest", "source", "source_type", "key", "value", "_note", "a.b", "", "\n"),
+]
+SCALARS = [
+    *('"r1"', '"log-inputs"', '"log-model"', '"s3://b/x"', '"\\u003a"', '"\\ud800"', '"\u00e9"'),
+    *("0", "-1", "0.1", "1e400", "123456789012345678901234567890", "true", "null", "NaN"),
+]
+
+
+def objects(values: st.SearchStrategy[str], unique: bool = False) -> st.SearchStrategy[str]:
+    """JSON object texts over a few keys, so that a key often comes twice unless unique."""
+    member = st.tuples(st.sampled_from(KEYS), values)
+    members = (
+        st.lists(member, max_size=4, unique_by=lambda kv: kv[0])
+        if unique
+        else st.lists(member, max_size=4)
+    )
+    return members.map(lambda kvs: "{" + ", ".join(f"{json.dumps(k)}:{v}" for k, v in kvs) + "}")
+
+
+def json_texts(scalars: list[str], unique: bool = False) -> st.SearchStrategy[str]:
+    """JSON texts nested a few levels, written by hand so every number keeps its spelling."""
+    return st.recursive(
+        st.sampled_from(scalars),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"),
+            objects(inner, unique),
+        ),
+        max_leaves=12,
+    )
+
+
+def has_duplicated_key(text: str) -> bool | None:
+    """Whether the stdlib parser sees a key twice in one object; None if it is not JSON."""
+    found = False
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        found = found or len({k for k, _ in members}) != len(members)
+        return dict(members)
+
+    def constant(name: str) -> None:
+        raise ValueError(name)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except (ValueError, RecursionError):
+        return None
+    return found
+
+
+@settings(database=None, deadline=None, max_examples=300)
+@given(objects(json_texts(SCALARS)), st.integers(min_value=0, max_value=400))
+def test_json_lines_give_a_record_or_a_rejection_and_duplicates_are_caught(
+    line: str, cut: int
+) -> None:
+    for text in (line, line[:cut]):
+        item = parse_line(text.encode("utf-8", "surrogatepass"), 0, "m.jsonl:7")
+        assert_well_formed(item)
+        duplicated = has_duplicated_key(text)
+        if isinstance(item, Rejection) and item.reason == "duplicated key":
+            assert duplicated
+        elif duplicated and "\\ud800" not in text:
+            assert isinstance(item, Rejection) and item.reason == "duplicated key", item
+
+
+@settings(database=None, deadline=None)
+@given(objects(json_texts([s for s in SCALARS if s not in ('"\\ud800"', "NaN")], True), True))
+def test_model_json_text_survives_any_values(metadata: str) -> None:
+    text = model_text(metadata)
+    for model_json in (text, json.dumps(text)):
+        item = parse(model_line(model_json))
+        assert isinstance(item, Record), item
+        assert item.model_json == text

@@ -3,8 +3,11 @@
 It verifies OCI request signatures, enforces the field limits, honours retry tokens (same
 token and body: the first answer is replayed without applying again; same token, other
 body: 409), rate-limits with a token bucket (429), and injects faults on request: latency,
-500s before or after applying, connection resets after applying, one 429 per new token.
-Everything it applied is in ``state.effects`` and at ``GET /_emulator/applied``.
+500s before or after applying, connection resets after applying, one 429 per new token, a
+302 to every POST (an SSO proxy), 401 to everything while ``unauthorized`` is set; the
+expected ``key_id`` may change while it serves (a rotated session token).
+Everything it applied is in ``state.effects`` and at ``GET /_emulator/applied``; the runs
+are read back MLflow-style with a signed ``GET .../runs/get?run_id=``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ from batchlog.limits import (
     TAG_KEY_MAX,
     TAG_VALUE_MAX,
 )
-from batchlog.signing import SIGNED_HEADERS, signing_string
+from batchlog.signing import (
+    GET_SIGNED_HEADERS,
+    SIGNED_HEADERS,
+    get_signing_string,
+    signing_string,
+)
 from batchlog.target import API_VERSION
 
 ROUTE = (
@@ -48,12 +56,16 @@ ROUTE = (
 )
 _SIG_FIELD = re.compile(r'(\w+)="([^"]*)"')
 MAX_CLOCK_SKEW = 300.0
+HISTORY_TAG = "mlflow.log-model.history"
 
 
 @dataclass
 class EmulatorConfig:
+    """The emulator's behaviour. Read on every request: a test may change ``key_id``,
+    ``unauthorized`` or ``redirect_to`` while the emulator serves."""
+
     public_key: RSAPublicKey | None = None  # verify signatures with it; None accepts any
-    key_id: str | None = None  # the keyId expected, when set
+    key_id: str | None = None  # the keyId expected, when set (may change at run time)
     platform_id: str | None = None  # the only platform that exists, when set (others: 404)
     workspace: str | None = None  # the only workspace that exists, when set
     known_runs: frozenset[str] | None = None  # runs that exist; None: every run exists
@@ -66,8 +78,11 @@ class EmulatorConfig:
     fail_after: float = 0.0  # chance of a 500 after applying
     reset_after: float = 0.0  # chance of a connection reset after applying
     throttle_once: float = 0.0  # chance that a new retry token gets one 429 first
-    keep_effects: bool = True  # keep every applied effect (memory grows with the job)
+    keep_effects: bool = True  # keep every applied effect (memory grows with the job);
+    # without it, runs/get answers runs with no models and no inputs
     seed: int | None = None
+    redirect_to: str | None = None  # answer every POST with a 302 to this Location
+    unauthorized: bool = False  # answer 401 NotAuthenticated to everything while True
 
 
 @dataclass
@@ -81,6 +96,8 @@ class EmulatorState:
     request_ids: set[str] = field(default_factory=set)  # opc-request-id values received
     retry_tokens: list[str] = field(default_factory=list)  # token of every request, in order
     headers_seen: list[dict[str, str]] = field(default_factory=list)  # last few requests
+    runs: dict[str, tuple[list[Any], list[Any]]] = field(default_factory=dict)
+    # run id -> (models logged, dataset inputs logged), in order, for runs/get
 
     def applied_counts(self) -> Counter[tuple[str, str, str]]:
         """How many times each (op, run, item) was applied: exactly-once means all are 1."""
@@ -119,6 +136,7 @@ class Emulator:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post(ROUTE, self._handle)
+        app.router.add_get(ROUTE, self._handle_get)
         app.router.add_get("/_emulator/applied", self._applied)
         app.router.add_get("/_emulator/stats", self._stats)
         return app
@@ -165,6 +183,16 @@ class Emulator:
             st.headers_seen.append(dict(request.headers))
         if cfg.latency:
             await asyncio.sleep(cfg.latency)
+        if cfg.redirect_to is not None:
+            self.state.statuses[302] += 1
+            return web.Response(status=302, headers={"Location": cfg.redirect_to})
+        if cfg.unauthorized:
+            return self._error(
+                401,
+                "NotAuthenticated",
+                "The required information to complete authentication was not provided.",
+                rid,
+            )
         problem = self._authenticate(request, body)
         if problem:
             return self._error(401, "NotAuthenticated", problem, rid)
@@ -226,6 +254,59 @@ class Emulator:
             return self._error(500, "InternalServerError", "injected fault after apply", rid)
         return self._answer(200, b"{}", rid, etag)
 
+    async def _handle_get(self, request: web.Request) -> web.StreamResponse:
+        """runs/get: the run as MLflow answers it, built from what was applied to it."""
+        cfg, st = self.config, self.state
+        rid = request.headers.get("opc-request-id") or uuid.uuid4().hex.upper()
+        st.request_ids.add(rid)
+        if len(st.headers_seen) < 50:
+            st.headers_seen.append(dict(request.headers))
+        if cfg.latency:
+            await asyncio.sleep(cfg.latency)
+        if cfg.unauthorized:
+            return self._error(
+                401,
+                "NotAuthenticated",
+                "The required information to complete authentication was not provided.",
+                rid,
+            )
+        problem = self._authenticate(request, None)
+        if problem:
+            return self._error(401, "NotAuthenticated", problem, rid)
+        if self._bucket is not None and not self._bucket.take():
+            return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
+        if request.match_info["op"] != "get":
+            return self._error(
+                404, "NotFound", f"unknown operation {request.match_info['op']}", rid
+            )
+        if (cfg.platform_id and request.match_info["platform"] != cfg.platform_id) or (
+            cfg.workspace and request.match_info["workspace"] != cfg.workspace
+        ):
+            return self._error(
+                404,
+                "NotAuthorizedOrNotFound",
+                "Authorization failed or requested resource not found.",
+                rid,
+            )
+        run_id = request.query.get("run_id", "")
+        if not run_id:
+            return self._error(400, "InvalidParameter", "run_id is required", rid)
+        if cfg.known_runs is not None and run_id not in cfg.known_runs:
+            return self._error(404, "NotAuthorizedOrNotFound", f"Run {run_id} not found.", rid)
+        models, inputs = st.runs.get(run_id, ([], []))
+        tags = [{"key": HISTORY_TAG, "value": orjson.dumps(models).decode()}] if models else []
+        run = {
+            "info": {
+                "run_id": run_id,
+                "run_uuid": run_id,
+                "status": "RUNNING",
+                "lifecycle_stage": "active",
+            },
+            "data": {"tags": tags},
+            "inputs": {"dataset_inputs": inputs},
+        }
+        return self._answer(200, orjson.dumps({"run": run}), rid, "")
+
     # ---- helpers -----------------------------------------------------------------------
 
     def _apply(self, op: str, doc: dict[str, Any], token: str) -> None:
@@ -234,8 +315,10 @@ class Emulator:
         if not self.config.keep_effects:
             return
         run_id = doc["run_id"]
+        models, inputs = st.runs.setdefault(run_id, ([], []))
         if op == "log-inputs":
             for item in doc.get("dataset_inputs") or []:
+                inputs.append(item)
                 ds = item["dataset"]
                 st.effects.append(
                     {
@@ -248,6 +331,7 @@ class Emulator:
                 )
         else:
             model = orjson.loads(doc["model_json"])
+            models.append(model)
             st.effects.append(
                 {
                     "op": op,
@@ -258,7 +342,9 @@ class Emulator:
                 }
             )
 
-    def _authenticate(self, request: web.Request, body: bytes) -> str:
+    def _authenticate(self, request: web.Request, body: bytes | None) -> str:
+        """Why the request's signature is refused ("" when it verifies). ``body`` is None
+        for a GET, signed over ``date (request-target) host`` only."""
         key = self.config.public_key
         if key is None:
             return ""
@@ -268,17 +354,23 @@ class Emulator:
         fields = dict(_SIG_FIELD.findall(auth))
         if fields.get("algorithm") != "rsa-sha256" or fields.get("version") != "1":
             return "unsupported signature algorithm or version"
-        if fields.get("headers") != SIGNED_HEADERS:
+        if body is None:
+            if fields.get("headers") != GET_SIGNED_HEADERS:
+                return "signed headers of a GET are not date (request-target) host"
+        elif fields.get("headers") != SIGNED_HEADERS:
             return "signed headers are not date (request-target) host content-length ..."
-        if self.config.key_id and fields.get("keyId") != self.config.key_id:
+        expected_key_id = self.config.key_id  # read now: it may change while serving
+        if expected_key_id and fields.get("keyId") != expected_key_id:
             return "unknown keyId"
-        sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
-        if request.headers.get("x-content-sha256") != sha:
-            return "x-content-sha256 does not match the body"
-        if request.headers.get("content-length") != str(len(body)):
-            return "content-length does not match the body"
-        if request.headers.get("content-type") != "application/json":
-            return "content-type is not application/json"
+        sha = ""
+        if body is not None:
+            sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
+            if request.headers.get("x-content-sha256") != sha:
+                return "x-content-sha256 does not match the body"
+            if request.headers.get("content-length") != str(len(body)):
+                return "content-length does not match the body"
+            if request.headers.get("content-type") != "application/json":
+                return "content-type is not application/json"
         date = request.headers.get("date", "")
         try:
             skew = abs(time.time() - parsedate_to_datetime(date).timestamp())
@@ -286,9 +378,11 @@ class Emulator:
             return "missing or malformed date"
         if skew > MAX_CLOCK_SKEW:
             return "date is more than 5 minutes off"
-        text = signing_string(
-            date, request.raw_path, request.headers.get("host", ""), len(body), sha
-        )
+        host = request.headers.get("host", "")
+        if body is None:
+            text = get_signing_string(date, request.raw_path, host)
+        else:
+            text = signing_string(date, request.raw_path, host, len(body), sha)
         try:
             key.verify(
                 base64.b64decode(fields.get("signature", "")),
@@ -378,6 +472,12 @@ class EmulatorThread:
     @property
     def state(self) -> EmulatorState:
         return self.emulator.state
+
+    @property
+    def config(self) -> EmulatorConfig:
+        """The live configuration: ``unauthorized``, ``key_id`` and ``redirect_to`` may be
+        changed from the test's thread while the emulator serves."""
+        return self.emulator.config
 
     @property
     def url(self) -> str:
