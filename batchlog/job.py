@@ -467,6 +467,7 @@ class Job:
         if applied:
             return Answer(200, "AlreadyApplied")
         tries.read_back = False  # not there, and no earlier attempt can land any more
+        tries.maybe_applied = False
         return None
 
     async def _journal_sent(self, call: Call, tries: _Tries) -> None:

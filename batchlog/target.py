@@ -119,7 +119,12 @@ class MlflowTarget:
         return f"{self.prefix}/api/2.0/mlflow/runs/{op}"
 
     def in_doubt_note(self) -> str:
-        return "may have been applied: batchlog reads the run back before sending it again"
+        # only log-inputs gets here: a log-model that may have been applied is read back
+        # until it is confirmed, never dead-lettered
+        return (
+            "may have been applied: uploading it again is safe, MLflow stores a dataset once "
+            "per run"
+        )
 
     def systemic_hint(self, status: int) -> str:
         """Why every request so far got ``status`` (401, 404, 3xx, NO_ANSWER), in MLflow

@@ -373,7 +373,10 @@ def _connect_problem(exc: aiohttp.ClientConnectorError) -> str:
 
 def _int_like_orjson(text: str) -> int | float:
     """json.loads' parse_int, as orjson reads integers: beyond 64 bits, a float."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # more digits than int() converts by default: far beyond 64 bits
+        return float(text)
     return value if -(1 << 63) <= value < (1 << 64) else float(text)
 
 
