@@ -33,6 +33,7 @@ from batchlog.report import (
 from batchlog.retry import RetryPolicy
 from batchlog.settings import (
     Settings,
+    check_output_paths,
     default_checkpoint,
     default_dead_letter,
     resolve_paths,
@@ -308,6 +309,12 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         settings = _real_settings(args)
     try:
         job = Job(args.manifests, settings, on_progress=_Progress(out))
+        check_output_paths(
+            args.manifests,
+            checkpoint=job.checkpoint_path,
+            dead_letter=job.dead_letter_path,
+            report=args.report,
+        )
         job.open()
         print(f"batchlog: checkpoint {job.checkpoint_path}", file=out)
         print(f"batchlog: dead letter {job.dead_letter_path}", file=out)
@@ -322,8 +329,11 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
     if emulator is not None:
         print(f"batchlog: emulator applied {emulator.state.applied} calls", file=out)
     if args.report:
-        with open(args.report, "wb") as f:
-            f.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        try:
+            with open(args.report, "wb") as f:
+                f.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        except OSError as exc:
+            print(f"batchlog: cannot write --report {args.report}: {exc.strerror}", file=out)
     return report.exit_code
 
 
@@ -398,7 +408,7 @@ def _print_report(r: Report, out: TextIO) -> None:
             f"they are in {r.dead_letter}; fix them and upload that file",
             file=out,
         )
-    if r.exit_code not in (EXIT_OK, EXIT_SOME_FAILED):
+    if r.status in ("stopped", "interrupted"):  # a "failed" job's message says what to do
         print("batchlog: run the same command again to resume", file=out)
 
 

@@ -50,6 +50,7 @@ class DeadLetter:
                 log.warning("an earlier dead letter was kept as %s (this job starts afresh)", aside)
             created = not os.path.exists(path)
             self._file = open(path, "ab")
+            self.size = self._file.seek(0, os.SEEK_END)  # bytes written, in the file
             if created or set_aside:
                 durable.sync_directory(parent)  # the file's name survives a power cut
         except OSError as exc:
@@ -60,6 +61,22 @@ class DeadLetter:
     def add(self, raw: bytes, error: dict[str, Any]) -> None:
         self._buffer.append(dead_letter_line(raw, error))
         self.count += 1
+
+    def cut_to(self, size: int) -> None:
+        """Drop what lies beyond ``size`` bytes (lines of records the journal does not count
+        as finished: written just before a crash, they are written again)."""
+        if self.size <= size:
+            return
+        try:
+            self._file.truncate(size)
+            self._file.seek(size)
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise DeadLetterError(
+                f"cannot cut dead-letter file {self.path} back to {size} bytes: "
+                f"{exc.strerror or exc}"
+            ) from None
+        self.size = size
 
     def pending_bytes(self) -> bytes:
         if not self._buffer:
@@ -72,7 +89,9 @@ class DeadLetter:
         """Append and fsync (blocking: call from a thread)."""
         try:
             durable.append(self._file, data)
+            self.size += len(data)
         except OSError as exc:
+            self.size = self._file.seek(0, os.SEEK_END)
             raise DeadLetterError(
                 f"cannot write dead-letter file {self.path}: {exc.strerror or exc}; "
                 "nothing journaled was lost, run the same command again once fixed"

@@ -44,10 +44,12 @@ from batchlog.journal import (
 )
 from batchlog.manifest import (
     STDIN,
+    Boundary,
     ManifestChanged,
     ManifestReader,
     check_readable,
     display_name,
+    open_stream,
 )
 from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
@@ -60,6 +62,8 @@ from batchlog.transport import Transport
 from batchlog.validate import parse_line
 
 log = logging.getLogger("batchlog")
+
+NOT_THE_API = "NotTheApi"  # a 2xx that is not the API's answer (see transport)
 
 READ_BATCH = 512  # manifest lines read per hop to the reader thread
 IN_DOUBT_TTL = 24 * 3600.0  # retry tokens expire after this
@@ -238,6 +242,7 @@ class Job:
             for reader in readers:  # every processed part is checked before any request
                 try:
                     reader.check_prefix()
+                    _check_done_lines(reader.path, reader.index, reader.start, point.done)
                 except ManifestChanged as exc:
                     raise ManifestChanged(
                         f"{exc}, according to checkpoint {self.checkpoint_path}: nothing was "
@@ -247,6 +252,10 @@ class Job:
             self._readers = readers
             fresh = point.finished == 0 and not point.doubt
             self._dead = DeadLetter(self.dead_letter_path, set_aside=fresh)
+            if not fresh and point.dead_letter_size is not None:
+                # lines beyond what the journal accounts for were written just before a
+                # crash: their records are processed again and written again
+                self._dead.cut_to(point.dead_letter_size)
         except BaseException:
             journal.close()
             for reader in self._readers:
@@ -258,7 +267,9 @@ class Job:
     # ---- producer ------------------------------------------------------------------------
 
     async def _produce(self, send: MemoryObjectSendStream[Call]) -> None:
-        grouper = Grouper(self.settings.target, self.settings.grouping)
+        assert self._point is not None
+        sent = {key: doubt.records for key, doubt in self._point.doubt.items()}
+        grouper = Grouper(self.settings.target, self.settings.grouping, sent)
         try:
             with anyio.CancelScope() as scope:
                 self._producer_scope = scope
@@ -308,6 +319,13 @@ class Job:
                     await self._send_unfinished(send, call)
             if boundary is not None:
                 journal.boundary(index, boundary)
+        if reader.partial:
+            log.warning(
+                "%s:%d has no newline and is not a whole JSON document (still being written?): "
+                "left for the next run",
+                name,
+                reader.partial,
+            )
         gone = sorted(
             record_of(k)
             for k in done
@@ -323,6 +341,13 @@ class Job:
     async def _send_unfinished(self, send: MemoryObjectSendStream[Call], call: Call) -> None:
         assert self._point is not None
         done = self._point.done
+        doubt = self._point.doubt.get(call.records[0].seq)
+        if doubt is not None and doubt.token and not call.token.startswith(doubt.token):
+            raise ManifestChanged(
+                f"{call.records[0].source}: changed since an earlier run sent it (its answer "
+                "never came, so it may have been applied as it was); restore the line, or "
+                "use --restart to start over"
+            )
         finished = [r for r in call.records if r.seq in done]
         if not finished:
             await send.send(call)
@@ -443,6 +468,11 @@ class Job:
                 if self._draining:
                     return
                 continue
+            if verdict == "retry" and tries.read_back:  # out of attempts, maybe applied
+                answer = await self._confirm(call, tries, transport, answer)
+                if answer.status == 200:
+                    self._succeed(call, answer)
+                    return
             if verdict == "retry":  # out of attempts
                 kind = "unconfirmed" if tries.read_back else "gave-up"
                 self._hold(_HeldCall(call, answer, kind, tries))
@@ -470,6 +500,17 @@ class Job:
         tries.maybe_applied = False
         return None
 
+    async def _confirm(
+        self, call: Call, tries: _Tries, transport: Transport, last: Answer
+    ) -> Answer:
+        """Out of attempts and maybe applied: read back once the last attempt can no longer
+        land. Applied: a success; not there: the last answer, as a plain failure."""
+        await anyio.sleep(max(0.0, tries.ready_at - time.time()))
+        answer = await self._read_back(call, tries, transport)
+        if answer is None:  # confirmed not applied: read_back and maybe_applied now False
+            return last
+        return answer
+
     async def _journal_sent(self, call: Call, tries: _Tries) -> None:
         """Journal the call as in doubt before it goes out (24 h token horizon, read-back)."""
         assert self._journal is not None
@@ -478,7 +519,9 @@ class Job:
             tries.first_sent = now
         tries.ready_at = now + self.settings.timeout  # when this attempt can no longer land
         if tries.attempts == 1 or self._not_idempotent(call):
-            self._journal.sent(call.records[0].seq, tries.first_sent, tries.ready_at)
+            self._journal.sent(
+                call.records[0].seq, tries.first_sent, tries.ready_at, len(call.records), call.token
+            )
             if self._not_idempotent(call):
                 # on disk before it goes out: a crash at any moment leaves a resume that
                 # reads the run back first
@@ -510,13 +553,13 @@ class Job:
     def _systemic(self, answer: Answer) -> Held | None:
         """The kind of answer that, repeated, says the job rather than the record is wrong."""
         status = answer.status
-        if 300 <= status < 400:
-            return "redirect"
-        if status == 401:
+        if 300 <= status < 400 or answer.code == NOT_THE_API:
+            return "redirect"  # not talking to the API (a login page, a proxy)
+        if status in (401, 403):
             return "unauthorized"
         if self._any_success:
             return None
-        if status == 404 and not self.settings.target.is_record_404(answer):
+        if status in (404, 405) and not self.settings.target.is_record_404(answer):
             return "not-found"
         if status == NO_ANSWER and not answer.sent and answer.code == "CannotConnect":
             return "cannot-connect"
@@ -643,7 +686,7 @@ class Job:
         async with self._flush_lock:
             written, self._flushed = self._flushed, anyio.Event()
             dead_data = self._dead.pending_bytes()
-            journal_data = self._journal.pending_bytes()
+            journal_data = self._journal.pending_bytes(self._dead.size + len(dead_data))
             try:
                 await anyio.to_thread.run_sync(
                     _write_both, self._dead, dead_data, self._journal, journal_data
@@ -667,11 +710,39 @@ def _write_both(dead: DeadLetter, dead_data: bytes, journal: Journal, journal_da
     journal.write(journal_data)
 
 
+def _check_done_lines(path: str, index: int, mark: Boundary, done: dict[int, str]) -> None:
+    """Read the lines beyond the watermark that an earlier run finished and check that they
+    are unchanged, before any request (stdin and pipes are checked as they stream past)."""
+    wanted = {record_of(k): h for k, h in done.items() if manifest_of(k) == index}
+    if not wanted or not os.path.isfile(path):
+        return
+    last = max(wanted)
+    record = mark.records
+    with open_stream(path) as stream:
+        stream.seek(mark.offset)
+        for number, chunk in enumerate(stream, mark.line):
+            raw = chunk.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            expected = wanted.get(record)
+            if expected is not None and expected != line_hash(raw):
+                raise ManifestChanged(
+                    f"{display_name(path)}:{number}, uploaded by an earlier run, is not what it was"
+                )
+            if record >= last:
+                return
+            record += 1
+    raise ManifestChanged(
+        f"{display_name(path)} ends before its record {last + 1:,}, which an earlier run "
+        "uploaded: it was cut short"
+    )
+
+
 def _sizes(manifests: list[str]) -> list[int | None]:
     out: list[int | None] = []
     for path in manifests:
-        if path == STDIN or path.endswith(".gz"):
-            out.append(None)
+        if path == STDIN or path.endswith(".gz") or not os.path.isfile(path):
+            out.append(None)  # not known (a pipe such as <(...) included)
         else:
             out.append(os.path.getsize(path))
     return out

@@ -9,8 +9,9 @@ torn or damaged line is told from a good one:
                                                                 the whole state, now and then
     {"f": [KEY...], "h": [HASH...], "st": STATUS, "rid": ID, "etag": ETAG}  a call finished
     {"w": M, "at": [RECORDS, OFFSET, LINE, DIGEST]}            manifest M's watermark moved
-    {"d": KEY, "t": FIRST_SENT, "u": UNTIL}                     a call went out: in doubt
+    {"d": KEY, "t": FIRST_SENT, "u": UNTIL, "n": RECORDS, "k": TOKEN}   a call went out
     {"c": KEY}                                   a call known not applied: no longer in doubt
+    {"commit": [SUCCEEDED, FAILED, REJECTED], "dl": BYTES}     the end of one group commit
 
 A record's KEY is its manifest's index shifted left by 40 bits, plus its index among that
 manifest's non-blank lines, so appending to any manifest never renumbers another.
@@ -54,6 +55,7 @@ FORMAT = 2
 REJECTED = "rejected"
 KEY_BITS = 40  # a record's index within its manifest
 SNAPSHOT_EVERY = 1 << 20  # bytes of changes at least between two snapshots
+TOKEN_CHARS = 16  # of a retry token kept with a call in doubt
 _SNAP_MARK = b'{"snap":'
 
 
@@ -121,6 +123,8 @@ class Doubt:
 
     first_sent: float  # unix time of its first attempt (the retry token lives 24 h)
     until: float  # unix time after which its last attempt can no longer land
+    records: int = 1  # how many records the call had: it is formed again exactly
+    token: str = ""  # the start of its retry token: its lines must not have changed
 
 
 @dataclass(slots=True)
@@ -134,6 +138,7 @@ class ResumePoint:
     manifests: list[str] = field(default_factory=list)  # as the header lists them
     last_write: float | None = None  # when the checkpoint was last written
     damaged: int = 0  # damaged lines skipped while reading
+    dead_letter_size: int | None = None  # bytes of the dead letter the journal accounts for
 
     @property
     def finished(self) -> int:
@@ -144,8 +149,12 @@ class ResumePoint:
             "snap": {
                 "marks": [[m.records, m.offset, m.line, m.digest] for m in self.marks],
                 "done": [[k, h] for k, h in sorted(self.done.items())],
-                "doubt": [[k, d.first_sent, d.until] for k, d in sorted(self.doubt.items())],
+                "doubt": [
+                    [k, d.first_sent, d.until, d.records, d.token]
+                    for k, d in sorted(self.doubt.items())
+                ],
                 "n": [self.counts.succeeded, self.counts.failed, self.counts.rejected],
+                "dl": self.dead_letter_size,
             }
         }
 
@@ -170,15 +179,25 @@ class ResumePoint:
             if not self._below(key) and key not in self.done:
                 earlier = self.doubt.get(key)
                 first = float(doc["t"]) if earlier is None else earlier.first_sent
-                self.doubt[key] = Doubt(first, float(doc["u"]))
+                self.doubt[key] = Doubt(
+                    first, float(doc["u"]), int(doc.get("n", 1)), str(doc.get("k", ""))
+                )
+        elif "commit" in doc:
+            self.counts = Counts(*(int(x) for x in doc["commit"]))  # right past damaged lines
+            if doc.get("dl") is not None:
+                self.dead_letter_size = int(doc["dl"])
         elif "c" in doc:
             self.doubt.pop(int(doc["c"]), None)
         elif "snap" in doc:
             snap = doc["snap"]
             self.marks = [_boundary(m) for m in snap["marks"]]
             self.done = {int(k): str(h) for k, h in snap["done"]}
-            self.doubt = {int(k): Doubt(float(t), float(u)) for k, t, u in snap["doubt"]}
+            self.doubt = {
+                int(d[0]): Doubt(float(d[1]), float(d[2]), int(d[3]), str(d[4]))
+                for d in snap["doubt"]
+            }
             self.counts = Counts(*(int(x) for x in snap["n"]))
+            self.dead_letter_size = snap.get("dl")
 
     def advance(self, manifest: int, mark: Boundary) -> None:
         old = self.marks[manifest]
@@ -256,9 +275,15 @@ class Journal:
         for m in {manifest_of(key) for key in keys}:
             self._advance(m)
 
-    def sent(self, key: int, first_sent: float, until: float) -> None:
+    def sent(self, key: int, first_sent: float, until: float, records: int, token: str) -> None:
         """A call (named by its first record) is going out: in doubt until it finishes."""
-        entry = {"d": key, "t": round(first_sent, 3), "u": round(until, 3)}
+        entry = {
+            "d": key,
+            "t": round(first_sent, 3),
+            "u": round(until, 3),
+            "n": records,
+            "k": token[:TOKEN_CHARS],
+        }
         self._buffer.append(seal(entry))
         self._state.apply(entry)
 
@@ -284,10 +309,19 @@ class Journal:
                 seal({"w": manifest, "at": [mark.records, mark.offset, mark.line, mark.digest]})
             )
 
-    def pending_bytes(self) -> bytes:
-        """What the next flush writes: the changes, and a snapshot when due."""
+    def pending_bytes(self, dead_letter_size: int | None = None) -> bytes:
+        """What the next flush writes: the changes, closed by a commit line with the counts
+        and the size the dead letter has once its own pending lines are written; and a
+        snapshot when due."""
         if not self._buffer and not self._snapshot_due:
             return b""
+        state = self._state
+        if dead_letter_size is not None:
+            state.dead_letter_size = dead_letter_size
+        c = state.counts
+        self._buffer.append(
+            seal({"commit": [c.succeeded, c.failed, c.rejected], "dl": state.dead_letter_size})
+        )
         out = b"".join(self._buffer)
         self._buffer = []
         self._since_snapshot += len(out)
@@ -413,7 +447,7 @@ def _check_same_job(
         raise CheckpointError(
             f"checkpoint {path} was written for manifests {old}, not {new}; {hint}"
         )
-    if existing.get("grouping") != header["grouping"] and point.finished:
+    if existing.get("grouping") != header["grouping"] and (point.finished or point.doubt):
         raise CheckpointError(
             f"checkpoint {path} was written with grouping {existing.get('grouping')}; "
             f"resuming with {header['grouping']} would change retry tokens; "

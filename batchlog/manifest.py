@@ -11,9 +11,12 @@ import gzip
 import hashlib
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
+
+import orjson
 
 from batchlog.errors import CheckpointError, ConfigurationError
 
@@ -43,13 +46,31 @@ def check_readable(paths: list[str]) -> None:
         raise ConfigurationError("no manifest given: name one or more JSON Lines files, or -")
     if paths.count(STDIN) > 1:
         raise ConfigurationError("'-' (stdin) can be given only once")
+    real = [os.path.realpath(p) for p in paths if p != STDIN]
+    if len(set(real)) < len(real):
+        raise ConfigurationError(
+            "the same manifest is given twice: its records would be uploaded twice"
+        )
     for path in paths:
         if path == STDIN:
             continue
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigurationError(f"manifest {path}: no such file")
+        if os.path.isdir(path):
+            raise ConfigurationError(f"manifest {path}: is a directory")
         if not os.access(path, os.R_OK):
             raise ConfigurationError(f"manifest {path}: not readable")
+
+
+def _chunks(stream: BinaryIO, path: str) -> Iterator[bytes]:
+    while True:
+        try:
+            chunk = stream.readline()
+        except _READ_ERRORS as exc:
+            raise _unreadable(path, exc) from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def open_stream(path: str) -> BinaryIO:
@@ -66,7 +87,7 @@ def read_lines(path: str, manifest: int) -> Iterator[Line]:
     try:
         pos = 0
         record = 0
-        for number, chunk in enumerate(stream, 1):
+        for number, chunk in enumerate(_chunks(stream, path), 1):
             start = pos
             pos += len(chunk)
             raw = chunk.rstrip(b"\r\n")
@@ -102,6 +123,27 @@ class ManifestChanged(CheckpointError):
     """The part of a manifest that an earlier run processed is not what it was."""
 
 
+class ManifestUnreadable(ConfigurationError):
+    """A manifest that cannot be read as it says it is (a truncated or corrupt .gz)."""
+
+
+def _unreadable(path: str, exc: BaseException) -> ManifestUnreadable:
+    kind = "a truncated or corrupt gzip file" if path.endswith(".gz") else "unreadable"
+    return ManifestUnreadable(f"manifest {display_name(path)}: {kind} ({exc})")
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _complete(chunk: bytes) -> bool:
+    """Whether an unterminated last line is a whole JSON document (not half written)."""
+    try:
+        orjson.loads(chunk)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 class ManifestReader:
     """One manifest read from a boundary on, hashing every byte that goes past.
 
@@ -119,6 +161,7 @@ class ManifestReader:
         self._pos = 0  # byte offset of the next line
         self._line = 1  # number of the next line
         self._records = 0  # non-blank lines before the next line
+        self.partial = 0  # number of an unterminated, incomplete last line left unread
 
     @property
     def records_read(self) -> int:
@@ -130,7 +173,10 @@ class ManifestReader:
         stream = self._stream = open_stream(self.path)
         left = start.offset
         while left:
-            got = stream.read(min(left, _PREFIX_CHUNK))
+            try:
+                got = stream.read(min(left, _PREFIX_CHUNK))
+            except _READ_ERRORS as exc:
+                raise _unreadable(self.path, exc) from None
             if not got:
                 raise ManifestChanged(
                     f"{name} is shorter ({start.offset - left:,} bytes) than the "
@@ -144,7 +190,7 @@ class ManifestReader:
                 "uploaded by an earlier run, are not what they were"
             )
         self._pos, self._line, self._records = start.offset, start.line, start.records
-        if self.path != STDIN and not self.path.endswith(".gz"):
+        if self.path != STDIN and not self.path.endswith(".gz") and os.path.isfile(self.path):
             stream.close()  # reopened where it stopped by the first batch: no fd held
             self._stream = None
 
@@ -157,13 +203,22 @@ class ManifestReader:
         lines: list[Line] = []
         boundary: Boundary | None = None
         ended = False  # the last chunk read ended with a newline
+        if self.partial:
+            return lines, None
         while len(lines) < size:
-            chunk = stream.readline()
+            try:
+                chunk = stream.readline()
+            except _READ_ERRORS as exc:
+                raise _unreadable(self.path, exc) from None
             if not chunk:
                 break
             ended = chunk.endswith(b"\n")
             if not ended:  # an unterminated last line: the last boundary is before it
                 boundary = self._here()
+                if chunk.strip() and not _complete(chunk):
+                    # still being written (a concurrent writer): left for a later run
+                    self.partial = self._line
+                    break
             start = self._pos
             self._pos += len(chunk)
             raw = chunk.rstrip(b"\r\n")

@@ -57,14 +57,23 @@ def make_call(target: Target, records: tuple[Record, ...]) -> Call:
 
 
 class Grouper:
-    """Collects consecutive log-inputs records of one run into one call."""
+    """Collects consecutive log-inputs records of one run into one call.
 
-    __slots__ = ("_datasets", "_limits", "_pending", "_size", "_target")
+    ``sent`` names calls an earlier run sent and never saw answered (first record's key ->
+    number of records): those are formed again exactly, whatever was appended since, so
+    that they go out again with the same body and retry token.
+    """
 
-    def __init__(self, target: Target, limits: GroupLimits) -> None:
+    __slots__ = ("_datasets", "_fixed", "_limit", "_limits", "_pending", "_size", "_target")
+
+    def __init__(
+        self, target: Target, limits: GroupLimits, sent: dict[int, int] | None = None
+    ) -> None:
         self._target = target
         self._limits = limits
+        self._fixed = sent or {}
         self._pending: list[Record] = []  # the open group, all log-inputs of one run
+        self._limit: int | None = None  # records the open group must have (an earlier call)
         self._datasets = 0  # dataset inputs in the open group
         self._size = 0  # bytes of raw lines in the open group
 
@@ -76,19 +85,30 @@ class Grouper:
             return
         n = len(record.dataset_inputs)
         if self._pending and (
-            self._pending[0].run_id != record.run_id
-            or self._datasets + n > self._limits.max_datasets
-            or self._size + len(record.raw) > self._limits.max_body
+            record.seq in self._fixed  # an earlier call starts here
+            or self._pending[0].run_id != record.run_id
+            or (
+                self._limit is None
+                and (
+                    self._datasets + n > self._limits.max_datasets
+                    or self._size + len(record.raw) > self._limits.max_body
+                )
+            )
         ):
             yield from self.flush()
+        if not self._pending:
+            self._limit = self._fixed.get(record.seq)
         self._pending.append(record)
         self._datasets += n
         self._size += len(record.raw)
+        if self._limit is not None and len(self._pending) >= self._limit:
+            yield from self.flush()
 
     def flush(self) -> Iterator[Call]:
         if self._pending:
             group = tuple(self._pending)
             self._pending = []
+            self._limit = None
             self._datasets = self._size = 0
             yield make_call(self._target, group)
 

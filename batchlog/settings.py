@@ -56,6 +56,27 @@ def default_dead_letter(manifests: list[str], kind: str = "") -> str:
 def resolve_paths(settings: Settings, manifests: list[str]) -> tuple[str, str]:
     checkpoint = settings.checkpoint or default_checkpoint(manifests)
     dead_letter = settings.dead_letter or default_dead_letter(manifests)
-    if os.path.abspath(checkpoint) in {os.path.abspath(m) for m in manifests if m != STDIN}:
-        raise ConfigurationError(f"--checkpoint {checkpoint} is one of the manifests")
+    check_output_paths(manifests, checkpoint=checkpoint, dead_letter=dead_letter)
     return checkpoint, dead_letter
+
+
+def check_output_paths(manifests: list[str], **outputs: str | None) -> None:
+    """Refuse files batchlog writes that are a manifest, each other, or a directory: a dead
+    letter set aside or a report written over a manifest would lose it."""
+    inputs = {os.path.realpath(m) for m in manifests if m != STDIN}
+    seen: dict[str, str] = {}
+    for name, path in outputs.items():
+        if not path:
+            continue
+        flag = "--" + name.replace("_", "-")
+        real = os.path.realpath(path)
+        if real in inputs:
+            raise ConfigurationError(f"{flag} {path} is one of the manifests")
+        if real in seen:
+            raise ConfigurationError(f"{flag} {path} is also the {seen[real]}")
+        if os.path.isdir(path):
+            raise ConfigurationError(f"{flag} {path} is a directory: give a file name")
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(parent) and not os.access(parent, os.W_OK):
+            raise ConfigurationError(f"{flag} {path}: cannot write in {parent}")
+        seen[real] = flag

@@ -361,3 +361,175 @@ def test_a_corrected_rerun_after_a_systemic_stop_keeps_one_line_per_record(
     dead = dead_lines(tmp_path / "m.dead-letter.jsonl")
     assert [d["_error"]["source"] for d in dead] == [f"{manifest}:1"]
     assert_exactly_once(emu, records[1:])
+
+
+# ---- found by a hostile review: calls in doubt, the dead letter at a crash, other answers ---
+
+
+def start_and_kill_in_flight(
+    emu: EmulatorThread, args: list[str], wait_requests: int = 1, **kwargs: Any
+) -> None:
+    """Start the CLI, and kill -9 it while its first requests are held by a slow server."""
+    proc = start_cli(args, **kwargs)
+    deadline = time.monotonic() + 30
+    while len(emu.state.retry_tokens) < wait_requests:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.4)  # a group commit journals them as sent
+    kill(proc)
+
+
+def test_a_merged_call_in_doubt_is_sent_again_as_it_was_after_an_append(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=1.5)
+    first = [inputs_record("runX", f"ds{i}") for i in range(2)]
+    manifest = write_manifest(tmp_path / "m.jsonl", first)
+    args = upload_args(oci, emu, str(manifest))
+    start_and_kill_in_flight(emu, args)
+    time.sleep(1.6)  # the server applies the call it was holding
+    appended = [inputs_record("runX", "ds2")]
+    with open(manifest, "ab") as f:
+        f.write(jsonl(appended).encode())
+    emu.emulator.config.latency = 0.0
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, first + appended)
+
+
+def test_other_merge_settings_are_refused_while_calls_are_in_doubt(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=1.5)
+    records = [inputs_record("runY", f"ds{i}") for i in range(8)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest))
+    start_and_kill_in_flight(emu, args)
+    out = run_cli([*args, "--max-datasets-per-request", "1"])
+    assert out.returncode == 3 and "grouping" in out.stderr, out.stderr
+    emu.emulator.config.latency = 0.0
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+
+
+def test_an_edited_line_of_a_call_in_doubt_is_refused(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=1.5)
+    records = [inputs_record(f"run{i}", f"data{i:04d}") for i in range(5)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest))
+    start_and_kill_in_flight(emu, args, wait_requests=5)
+    time.sleep(1.6)
+    applied = emu.state.applied
+    manifest.write_bytes(manifest.read_bytes().replace(b"data0000", b"dataFIXD"))
+    emu.emulator.config.latency = 0.0
+    out = run_cli(args)
+    assert out.returncode == 3, out.stderr
+    assert "changed since an earlier run sent it" in out.stderr
+    assert "run the same command again to resume" not in out.stderr
+    assert emu.state.applied == applied
+
+
+def test_a_crash_while_the_dead_letter_is_written_never_doubles_its_lines(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    bad = [
+        f'{{"run_id": "r{i}", "op": "log-inputs", "datasets": {i}}}'.encode() for i in range(4000)
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", list(bad))
+    args = upload_args(oci, emu, str(manifest))
+    dead = tmp_path / "m.dead-letter.jsonl"
+    for delay in (0.5, 0.7, 0.9):
+        proc = start_cli(args)
+        deadline = time.monotonic() + 30
+        while not (dead.exists() and dead.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay * 0.1)
+        kill(proc)
+    out = run_cli(args)
+    assert out.returncode == 1, out.stderr
+    sources = [d["_error"]["source"] for d in dead_lines(dead)]
+    assert len(sources) == len(set(sources)) == 4000
+
+
+def test_forbidden_everywhere_is_systemic(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(key_id="another/key/id")  # every signature refused
+    emu.emulator.config.unauthorized = False  # type: ignore[attr-defined]
+    records = mixed_records(20, runs=20)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    out = run_cli(upload_args(oci, emu, str(manifest)))
+    assert out.returncode == 3, out.stderr
+    assert dead_lines(tmp_path / "m.dead-letter.jsonl") == []
+
+
+def test_a_half_written_last_line_waits_for_its_writer(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    records = [inputs_record(f"w{i}", f"written{i:03d}") for i in range(5)]
+    text = jsonl(records).encode()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(text[:-40])  # a writer is in the middle of the last line
+    args = upload_args(oci, emu, str(manifest))
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert "m.jsonl:5 has no newline" in out.stderr
+    assert dead_lines(tmp_path / "m.dead-letter.jsonl") == []
+    manifest.write_bytes(text)  # the writer finished the line
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+
+
+def test_files_batchlog_writes_never_replace_a_manifest(tmp_path: Path, oci: Oci) -> None:
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(5, runs=5))
+    data = manifest.read_bytes()
+    base = ["upload", str(manifest), "--config-file", str(oci.config), "--endpoint"]
+    base += ["http://127.0.0.1:1", "--platform-id", PLATFORM, "--workspace", WORKSPACE]
+    for extra in (
+        ["--dead-letter", str(manifest)],
+        ["--report", str(manifest)],
+        ["--dead-letter", str(tmp_path)],
+        ["--checkpoint", str(tmp_path / "c"), "--dead-letter", str(tmp_path / "c")],
+    ):
+        out = run_cli([*base, *extra])
+        assert out.returncode == 2, (extra, out.stderr)
+    twice = [*base[:2], str(tmp_path / "." / "m.jsonl"), *base[2:]]  # the same file twice
+    out = run_cli(twice)
+    assert out.returncode == 2 and "twice" in out.stderr, out.stderr
+    assert manifest.read_bytes() == data
+
+
+def test_a_corrupt_gzip_manifest_is_named_not_a_traceback(tmp_path: Path, oci: Oci) -> None:
+    import gzip
+
+    whole = gzip.compress(jsonl(mixed_records(200, runs=50)).encode())
+    manifest = tmp_path / "m.jsonl.gz"
+    manifest.write_bytes(whole[: len(whole) // 2])
+    out = run_cli(["validate", str(manifest)])
+    assert "Traceback" not in out.stderr and "truncated or corrupt gzip" in out.stderr, out.stderr
+
+
+def test_an_edit_beyond_the_watermark_is_refused_before_any_request(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=1.0)
+    records = [inputs_record(f"e{i:03d}", f"edit{i:04d}") for i in range(40)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", "40"]
+    proc = start_cli(args)
+    wait_applied(emu, proc, 1)
+    time.sleep(0.5)
+    kill(proc)  # the first record held back, the rest finished above the watermark
+    time.sleep(1.1)
+    manifest.write_bytes(manifest.read_bytes().replace(b"edit0039", b"edit9039"))
+    requests = len(emu.state.retry_tokens)
+    out = run_cli(args)
+    assert out.returncode == 3, out.stderr
+    assert "is not what it was" in out.stderr or "not what they were" in out.stderr
+    assert len(emu.state.retry_tokens) == requests  # nothing sent

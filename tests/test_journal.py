@@ -135,7 +135,7 @@ def test_one_damaged_byte_in_the_last_snapshot_falls_back(
     path = tmp_path / "c"
     journal, point = open_(path)
     read_all(journal, point)
-    journal.sent(record_key(0, 9), 1000.0, 1060.0)
+    journal.sent(record_key(0, 9), 1000.0, 1060.0, 1, "tok")
     for n in range(9):
         journal.finish([record_key(0, n)], 200)
         journal.write(journal.pending_bytes())
@@ -165,8 +165,9 @@ def test_a_damaged_line_in_the_middle_is_skipped_not_the_rest(
     with caplog.at_level(logging.WARNING, logger="batchlog"):
         _, point = read_checkpoint(str(path), repair=True)
     assert "damaged line" in caplog.text
-    # the lines after it still count (the watermark lines restate record 1 as done)
-    assert point.marks == [after(4)] and point.counts.succeeded == 3
+    # the lines after it still count: the watermark restates record 1 as done, and each
+    # group commit restates the counts, so a damaged entry does not turn into a lie
+    assert point.marks == [after(4)] and point.counts.succeeded == 4
     assert path.read_bytes() == bytes(data)  # good lines after it are never cut
 
 
@@ -175,7 +176,7 @@ def test_doubts_survive_runs_that_never_reach_them(tmp_path: Path) -> None:
     path = tmp_path / "c"
     journal, point = open_(path)
     read_all(journal, point)
-    journal.sent(record_key(0, 9), 1000.0, 1060.0)
+    journal.sent(record_key(0, 9), 1000.0, 1060.0, 1, "tok")
     journal.write(journal.pending_bytes())
     journal.close()
     for _ in range(3):  # later runs finish other records, with snapshots in between
@@ -197,8 +198,8 @@ def test_a_finished_call_is_no_longer_in_doubt(tmp_path: Path) -> None:
     path = tmp_path / "c"
     journal, point = open_(path)
     read_all(journal, point, upto=2)
-    journal.sent(record_key(0, 0), 1.0, 2.0)
-    journal.sent(record_key(0, 1), 1.0, 2.0)
+    journal.sent(record_key(0, 0), 1.0, 2.0, 1, "tok")
+    journal.sent(record_key(0, 1), 1.0, 2.0, 1, "tok")
     journal.finish([record_key(0, 0)], 500)
     journal.settled(record_key(0, 1))
     journal.write(journal.pending_bytes())

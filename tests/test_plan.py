@@ -83,3 +83,25 @@ def test_path_parameters_are_percent_encoded() -> None:
     t = OciTarget("https://h", "ocid1/odd id", "w s")
     assert t.path("log-inputs").startswith("/20260430/aiDataPlatforms/ocid1%2Fodd%20id/")
     assert "/workspaces/w%20s/mlops/api/2.0/mlflow/runs/log-inputs" in t.path("log-inputs")
+
+
+def test_a_call_sent_before_is_formed_again_exactly_whatever_was_appended() -> None:
+    """A merged call in doubt, regrouped with a line appended since, would go out under a
+    new retry token and be applied twice."""
+    from batchlog.plan import Grouper, GroupLimits
+    from batchlog.records import Record
+    from batchlog.target import OciTarget
+
+    target = OciTarget("http://127.0.0.1", "p", "w")
+
+    def rec(seq: int) -> Record:
+        ds = {"name": f"d{seq}", "digest": "x", "source": "s", "source_type": "s3"}
+        return Record(seq, f"m:{seq + 1}", b"{}", "log-inputs", "run", ({"dataset": ds},), "")
+
+    def calls(grouper: Grouper, n: int) -> list[tuple[int, ...]]:
+        out = [c for i in range(n) for c in grouper.add(rec(i))] + list(grouper.flush())
+        return [tuple(r.seq for r in c.records) for c in out]
+
+    assert calls(Grouper(target, GroupLimits()), 3) == [(0, 1, 2)]
+    assert calls(Grouper(target, GroupLimits(), {0: 2}), 3) == [(0, 1), (2,)]
+    assert calls(Grouper(target, GroupLimits(max_datasets=1), {1: 2}), 4) == [(0,), (1, 2), (3,)]
