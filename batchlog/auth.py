@@ -5,6 +5,7 @@ Every auth type ends as a ``KeySource``: a key id and an RSA key, refreshed for 
 
 from __future__ import annotations
 
+import configparser
 import logging
 import os
 import stat
@@ -62,8 +63,12 @@ def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
         raise ConfigurationError(
             f"profile {profile!r} not found in {config_file}: set --profile or OCI_CLI_PROFILE"
         ) from None
-    except oci.exceptions.ClientError as exc:
+    except oci.exceptions.ClientError as exc:  # the oci package's own: names, no values
         raise ConfigurationError(f"OCI config {config_file} [{profile}]: {exc}") from None
+    except Exception as exc:  # configparser's errors quote the lines: a pasted key, say
+        raise ConfigurationError(
+            f"OCI config {config_file} [{profile}]: {_unreadable(exc)}"
+        ) from None
     key_file = config.get("key_file")
     if key_file:
         _warn_if_open(os.path.expanduser(key_file))
@@ -100,6 +105,43 @@ def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
             f"OCI config {config_file} [{profile}]: cannot load the signing key "
             f"({type(exc).__name__})"
         ) from None
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why the config file could not be read, by line numbers and option names only: the
+    text of a line that is not ``key = value`` may be a private key or a passphrase."""
+    pasted = "(a key pasted into the config?)"
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"line {exc.lineno} comes before any [section] header {pasted}"
+    if isinstance(exc, configparser.ParsingError):
+        numbers = sorted({n for n, _ in exc.errors or () if isinstance(n, int)})
+        lineno = getattr(exc, "lineno", None)  # newer Pythons' kinds of ParsingError
+        if not numbers and isinstance(lineno, int):
+            numbers = [lineno]
+        if len(numbers) == 1:
+            return f"line {numbers[0]} is not a 'key = value' line {pasted}"
+        if numbers:
+            return f"lines {_ranges(numbers)} are not 'key = value' lines {pasted}"
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"line {exc.lineno}: {exc.option} is given twice in [{exc.section}]"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"line {exc.lineno}: section [{exc.section}] is given twice"
+    if isinstance(exc, ValueError) and str(exc).startswith("'key_content'"):
+        return "key_content cannot be given in a config file: give key_file"
+    if isinstance(exc, OSError):
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    return f"cannot be read ({type(exc).__name__})"  # its message might quote the file
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted line numbers as ranges: 7-33, 35."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and spans[-1][1] == n - 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _read_token(path: str) -> str:

@@ -1,6 +1,7 @@
 """The dead-letter file: every record that did not succeed, as a manifest the user can fix.
 
-Each line is the original record plus an ``_error`` object (status, code, message, source).
+Each line is the original record, byte for byte, plus an ``_error`` object (status, code,
+message, source) as its last member.
 Fields starting with ``_`` are ignored on upload, so the file can be uploaded as it is.
 """
 
@@ -15,20 +16,53 @@ import orjson
 
 from batchlog import durable
 from batchlog.errors import DeadLetterError
+from batchlog.validate import top_level_spans
 
 log = logging.getLogger("batchlog")
 
 
 def dead_letter_line(raw: bytes, error: dict[str, Any]) -> bytes:
+    """The manifest line ``raw`` with ``error`` as its ``_error`` member, added last.
+
+    The line's own bytes are kept exactly: never parsed and written again, which would turn
+    a big integer into a float, respell numbers and escapes, and drop a duplicated key, so
+    that the fixed dead letter would send something else than the manifest said. A top-level
+    ``_error`` already there (a dead letter uploaded again) is taken out, with its comma, so
+    the line has one. A line that is not a JSON object (or nests deeper than the parser's
+    stack) is kept as the string ``_raw``.
+    """
+    note = b'"_error":' + orjson.dumps(error)
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        doc = None
-    if isinstance(doc, dict):
-        doc["_error"] = error
-        return orjson.dumps(doc)
-    text = raw.decode("utf-8", errors="backslashreplace")
-    return orjson.dumps({"_error": error, "_raw": text})
+        text = raw.decode("utf-8")
+        members = top_level_spans(text)
+    except ValueError:  # not UTF-8, or not a JSON object
+        text = raw.decode("utf-8", errors="backslashreplace")
+        return orjson.dumps({"_error": error, "_raw": text})
+    for start, end in reversed(_error_cuts(text, members)):  # in order and apart
+        text = text[:start] + text[end:]
+    close = len(text.rstrip(" \t\r\n")) - 1  # the object's closing brace
+    left = any(key != "_error" for key, _, _ in members)
+    comma = b"," if left else b""
+    return text[:close].encode() + comma + note + text[close:].encode()
+
+
+def _error_cuts(text: str, members: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
+    """The spans of ``text`` to cut so that no top-level ``_error`` member is left, each with
+    its comma: a leading run of them up to the next member, any other from the comma before
+    it (the whitespace before that comma stays: cutting what this module added gives back
+    the line as it was). In order, none overlapping."""
+    lead = 0
+    while lead < len(members) and members[lead][0] == "_error":
+        lead += 1
+    cuts = []
+    if lead == len(members) and members:  # nothing but _error: the object becomes empty
+        cuts.append((members[0][1], members[-1][2]))
+    elif lead:
+        cuts.append((members[0][1], members[lead][1]))
+    for i in range(lead, len(members)):
+        if members[i][0] == "_error":
+            cuts.append((text.index(",", members[i - 1][2]), members[i][2]))
+    return cuts
 
 
 class DeadLetter:

@@ -55,7 +55,7 @@ from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
 from batchlog.records import Rejection
 from batchlog.report import Counters, Report, Status
-from batchlog.retry import NO_ANSWER, Answer
+from batchlog.retry import NO_ANSWER, NOT_THE_API, Answer
 from batchlog.settings import Settings, resolve_paths
 from batchlog.target import MlflowTarget
 from batchlog.transport import Transport
@@ -63,7 +63,6 @@ from batchlog.validate import parse_line
 
 log = logging.getLogger("batchlog")
 
-NOT_THE_API = "NotTheApi"  # a 2xx that is not the API's answer (see transport)
 
 READ_BATCH = 512  # manifest lines read per hop to the reader thread
 IN_DOUBT_TTL = 24 * 3600.0  # retry tokens expire after this

@@ -17,6 +17,9 @@ NO_ANSWER = 0  # status of an attempt that got no HTTP answer (timeout, connecti
 CANNOT_CONNECT = "CannotConnect"  # code: no connection could be made, nothing was sent
 SIGNING_FAILED = "SigningFailed"  # code: the request could not be signed, nothing was sent
 REDIRECT = "Redirect"  # code of a 3xx answer (redirects are never followed)
+# code of a 2xx whose body is not a JSON object (the API answers {}): a login page served
+# with 200, a proxy's page; the job is not talking to the API, as with a redirect
+NOT_THE_API = "NotTheApi"
 # code of a 400/500 caused by a database unique constraint: two writes of the same thing
 # raced (a late-applied duplicate and its retry); it may have been applied: read it back
 UNIQUE_CONFLICT = "UniqueConflict"
@@ -39,6 +42,8 @@ class Answer:
         """The request may have been applied although no success was seen."""
         if not self.sent:  # no connection was made, or it was never signed
             return False
+        if self.code == NOT_THE_API:  # the API never saw it
+            return False
         if self.code == UNIQUE_CONFLICT:
             return True
         return self.status == NO_ANSWER or self.status >= 500
@@ -53,6 +58,8 @@ class RetryPolicy:
 
     def verdict(self, answer: Answer) -> Verdict:
         status = answer.status
+        if answer.code == NOT_THE_API:
+            return "redirect"  # a 2xx, but not from the API: never a success
         if 200 <= status < 300:
             return "ok"
         if 300 <= status < 400:

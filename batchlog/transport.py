@@ -30,6 +30,7 @@ from batchlog.plan import Call
 from batchlog.retry import (
     CANNOT_CONNECT,
     NO_ANSWER,
+    NOT_THE_API,
     REDIRECT,
     SIGNING_FAILED,
     UNIQUE_CONFLICT,
@@ -310,6 +311,13 @@ def _answer(status: int, headers: Mapping[str, str], payload: bytes, request_id:
     """An HTTP answer described (``headers`` as aiohttp gives them: case-insensitive)."""
     rid = headers.get("opc-request-id", request_id)
     if 200 <= status < 300:
+        if not _json_object(payload):
+            kind = (headers.get("content-type") or "").strip()[:100] or "no content type"
+            message = (
+                f"answered {status} with {kind}, not a JSON object: "
+                "not the API (a login page, or a proxy?)"
+            )
+            return Answer(status, NOT_THE_API, message, rid)
         return Answer(status, request_id=rid, etag=headers.get("etag", ""))
     if 300 <= status < 400:
         return Answer(status, REDIRECT, f"redirected to {_location(headers.get('location'))}", rid)
@@ -320,6 +328,20 @@ def _answer(status: int, headers: Mapping[str, str], payload: bytes, request_id:
         if conflict is not None:
             return Answer(status, UNIQUE_CONFLICT, conflict, rid, retry_after=retry_after)
     return Answer(status, code, message[:_MAX_MESSAGE], rid, retry_after=retry_after)
+
+
+def _json_object(payload: bytes) -> bool:
+    """Whether a 2xx body is the API's: a JSON object (``{}`` from both targets), or
+    nothing at all. Not a login page or a proxy's page served with a 2xx."""
+    body = payload.strip(b" \t\r\n")
+    if body in (b"", b"{}"):  # the usual answers, without parsing
+        return True
+    if not body.startswith(b"{"):
+        return False
+    try:
+        return isinstance(_loads(body), dict)
+    except (ValueError, RecursionError):  # not JSON, or nested beyond the stack
+        return False
 
 
 def _location(value: str | None) -> str:

@@ -155,7 +155,7 @@ def _integer(text: str) -> int | float:
 _STRICT_JSON = json.JSONDecoder(
     object_pairs_hook=_object, parse_constant=_no_constant, parse_int=_integer
 )
-_SKIPPING_JSON = json.JSONDecoder(parse_int=_integer)
+_SPANS_JSON = json.JSONDecoder(parse_int=_integer, parse_constant=_no_constant)
 
 
 def _check_members(value: Any, path: str, depth: int) -> None:
@@ -189,17 +189,55 @@ def _member(path: str, key: str) -> str:
     return f"{path}[{json.dumps(key)}]"
 
 
+def top_level_spans(text: str) -> list[tuple[str, int, int]]:
+    """Every top-level member of the JSON object ``text`` as written, in order, a key given
+    twice included: ``(key, start, end)``, ``text[start:end]`` running from the opening
+    quote of the key to the end of its value (key escapes decoded: ``"_\\u0065rror"`` is
+    ``_error``). Raises ValueError if ``text`` is not one JSON object (NaN and Infinity
+    are not JSON), with nothing but JSON whitespace around it, or is nested deeper than the
+    parser's stack."""
+    try:
+        return [(key, start, end) for key, start, _, end in _members(text)]
+    except (_NotJson, RecursionError) as exc:
+        raise ValueError(f"not a JSON object: {exc}") from None
+
+
 def _member_text(line: str, name: str) -> str:
     """The text of top-level member ``name``'s value as written (``line`` is a JSON object)."""
-    scan = _SKIPPING_JSON.raw_decode
-    pos = line.index("{") + 1
-    while True:
-        key, pos = scan(line, _skip_space(line, pos))
-        start = _skip_space(line, line.index(":", pos) + 1)
-        _, end = scan(line, start)
+    for key, _, start, end in _members(line):
         if key == name:
             return line[start:end]
-        pos = line.index(",", end) + 1  # name is further on, so a comma follows
+    raise AssertionError(f"unreachable: {name} is a member of the line")
+
+
+def _members(text: str) -> Iterator[tuple[str, int, int, int]]:
+    """(key, start of the key, start of the value, end of the value) of each top-level
+    member of the JSON object ``text``; raises ValueError as soon as it is not one."""
+    scan = _SPANS_JSON.raw_decode
+    pos = _skip_space(text, 0)
+    if not text.startswith("{", pos):
+        raise ValueError("not a JSON object")
+    pos = _skip_space(text, pos + 1)
+    if not text.startswith("}", pos):
+        while True:
+            if not text.startswith('"', pos):
+                raise ValueError(f"expected a key at character {pos}")
+            key, after = scan(text, pos)
+            colon = _skip_space(text, after)
+            if not text.startswith(":", colon):
+                raise ValueError(f"expected ':' at character {colon}")
+            start = _skip_space(text, colon + 1)
+            _, end = scan(text, start)
+            yield key, pos, start, end
+            pos = _skip_space(text, end)
+            if text.startswith(",", pos):
+                pos = _skip_space(text, pos + 1)
+            elif text.startswith("}", pos):
+                break
+            else:
+                raise ValueError(f"expected ',' or '}}' at character {pos}")
+    if _skip_space(text, pos + 1) != len(text):
+        raise ValueError(f"text after the object at character {pos + 1}")
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -298,6 +336,8 @@ def _model_json(value: Any, line: str) -> str:
     for key in ("utc_time_created", "run_id"):
         if not isinstance(model[key], str):
             raise Invalid(f"model_json.{key}", f"expected a string, got {_kind(model[key])}")
+    if not model["utc_time_created"].strip():  # MLflow would put the current time instead
+        raise Invalid("model_json.utc_time_created", "expected a non-empty string")
     if isinstance(value, str):
         return value
     return _member_text(line, "model_json")

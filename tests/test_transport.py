@@ -165,6 +165,84 @@ def test_redirect_verdict_covers_every_3xx() -> None:
     assert POLICY.verdict(Answer(400)) == "permanent"
 
 
+LOGIN_PAGE = "<!DOCTYPE html><html><body><form action=/sso>please log in</form></body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "shown"),
+    [
+        (200, LOGIN_PAGE, "text/html", "text/html; charset=utf-8"),  # a login page, served
+        (200, "OK", "text/plain", "text/plain; charset=utf-8"),  # a proxy's health page
+        (201, "[]", "application/json", "application/json; charset=utf-8"),
+        (200, '"done"', "application/json", "application/json; charset=utf-8"),
+        (202, "{not json", "application/json", "application/json; charset=utf-8"),
+    ],
+)
+def test_a_2xx_that_is_not_a_json_object_is_not_the_api(
+    status: int, body: str, content_type: str, shown: str
+) -> None:
+    """A 2xx whose body is not a JSON object did not come from the API (which answers
+    ``{}``): counting it as a success would journal records done that were never applied."""
+    from batchlog.retry import NOT_THE_API
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    async def go() -> Answer:
+        app = web.Application()
+        app.router.add_post("/api/2.0/mlflow/runs/log-model", handler)
+        async with serve(app) as url:
+            target = MlflowTarget(url)
+            async with transport(target) as t:
+                return await t.send(call_for(target, model_record("r1", 1)))
+
+    answer = run(go)
+    assert NOT_THE_API == "NotTheApi"
+    assert (answer.status, answer.code, answer.sent) == (status, "NotTheApi", True)
+    assert answer.message == (
+        f"answered {status} with {shown}, not a JSON object: "
+        "not the API (a login page, or a proxy?)"
+    )
+    assert LOGIN_PAGE not in answer.message
+    assert POLICY.verdict(answer) == "redirect"
+    assert not answer.in_doubt
+
+
+def test_a_2xx_with_a_json_object_or_nothing_is_a_success() -> None:
+    bodies = [b"{}", b"", b" {} \n", b'{"run_id": "r1"}', b'\t{ "a" : [1, {"b": 2}] }']
+    seen: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        body = bodies[len(seen)]
+        seen.append(body)
+        return web.Response(status=200, body=body, content_type="application/json")
+
+    async def go() -> list[Answer]:
+        app = web.Application()
+        app.router.add_post("/api/2.0/mlflow/runs/log-model", handler)
+        async with serve(app) as url:
+            target = MlflowTarget(url)
+            async with transport(target) as t:
+                return [await t.send(call_for(target, model_record("r1", 1))) for _ in bodies]
+
+    answers = run(go)
+    assert seen == bodies
+    for answer in answers:
+        assert (answer.status, answer.code) == (200, ""), answer
+        assert POLICY.verdict(answer) == "ok"
+
+
+def test_a_2xx_without_a_content_type_says_so() -> None:
+    from batchlog.transport import _answer
+
+    answer = _answer(200, {}, b"<html>login</html>", "rid")
+    assert (answer.code, answer.request_id) == ("NotTheApi", "rid")
+    assert answer.message.startswith("answered 200 with no content type, not a JSON object")
+    assert _answer(204, {}, b"", "rid").code == ""
+
+
 # ---- 2. nothing sent ----------------------------------------------------------------------
 
 

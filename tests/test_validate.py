@@ -269,6 +269,18 @@ def test_model_json_utc_time_created_must_be_a_string(value: str, kind: str) -> 
         )
 
 
+@pytest.mark.parametrize("value", ['""', '" "', '"\\t \\n"'])
+def test_model_json_utc_time_created_must_not_be_empty(value: str) -> None:
+    """MLflow puts the current time in place of an empty utc_time_created: a read-back could
+    never recognise the model, and it would be logged twice."""
+    text = model_text("{}").replace('"2024-05-01 10:00:00.000000"', value)
+    for model_json in (text, json.dumps(text)):
+        assert rejected(model_line(model_json)) == (
+            "model_json.utc_time_created",
+            "expected a non-empty string",
+        )
+
+
 def test_text_that_is_not_unicode_is_rejected_where_it_is() -> None:
     line = INPUTS_LINE.replace('"ds1"', '"\\ud800"', 1).encode()
     assert rejected(line) == (

@@ -1,0 +1,215 @@
+"""A dead-letter line is the original line, byte for byte, with one ``_error`` member added
+at the end of its top-level object: uploading the fixed dead letter sends what the manifest
+said (big integers, number spellings, escapes and duplicated keys included)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchlog.deadletter import dead_letter_line
+from batchlog.records import Record, Rejection
+from batchlog.validate import parse_line
+from tests.test_validate import SCALARS, json_texts
+
+ERROR = {
+    "status": 400,
+    "code": "InvalidParameter",
+    "message": 'bad "value" caf\u00e9 \\ {}',
+    "source": "m.jsonl:3",
+    "attempts": 1,
+}
+NOTE = b'"_error":' + orjson.dumps(ERROR)
+
+
+def spliced(original: bytes, error: dict[str, Any] = ERROR) -> bytes:
+    """``original`` (a JSON object without a top-level _error) with _error added last."""
+    close = len(original.rstrip(b" \t\r\n")) - 1
+    assert original[close : close + 1] == b"}"
+    empty = original[original.index(b"{") + 1 : close].strip(b" \t\r\n") == b""
+    note = b'"_error":' + orjson.dumps(error)
+    return original[:close] + (b"" if empty else b",") + note + original[close:]
+
+
+def spelled_int(text: str) -> int | str:
+    return int(text) if len(text) < 4000 else text  # int() refuses more than 4300 digits
+
+
+def top_level_pairs(line: bytes) -> list[tuple[str, Any]]:
+    """The top-level members of a JSON object line, every one, in order (the stdlib parser
+    calls the hook for the outermost object last)."""
+    seen: list[list[tuple[str, Any]]] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen.append(pairs)
+        return dict(pairs)
+
+    doc = json.loads(line, object_pairs_hook=hook, parse_int=spelled_int, parse_float=str)
+    assert isinstance(doc, dict)
+    return seen[-1]
+
+
+def error_members(line: bytes) -> list[Any]:
+    return [value for key, value in top_level_pairs(line) if key == "_error"]
+
+
+MODEL_BIG_INT = (
+    b'{"op":"log-model","run_id":"r1","model_json":{"artifact_path":"m","flavors":{},'
+    b'"utc_time_created":"2025-01-01 00:00:00.000000","run_id":"r1",'
+    b'"metadata":{"c":12345678901234567890123,"f":1E2,"g":0.10,"h":-0.0}}}'
+)
+ORIGINALS = [
+    MODEL_BIG_INT,
+    b'{"run_id":"r1","x":1E2,"y":0.10,"z":-0.0,"w":1.50e+2,"v":100}',
+    b'{"run_id":"r\\u0031","s":"caf\\u00e9 \\"q\\" \\\\ \\/ \\n",'
+    b'"\xc3\xa9":"\xc3\xa9 \\ud83d\\ude00"}',
+    b'{"run_id":"x","run_id":"y","dataset_inputs":[]}',
+    b'{"run_id":"r1","_note":{"_error":"kept"},"model_json":"{\\"_error\\":1}","_errors":1}',
+    b'  { "run_id" : "r1" , "a" : [ 1 , 2 ] }  ',
+    b'{\t"run_id":"r1"\r}\t',
+    b'{"run_id": "r1",\r"dataset_inputs": [] \r}',  # a line holds no newline, \r it may
+    b"{}",
+    b"{ }",
+    b"\t{}  ",
+]
+
+
+@pytest.mark.parametrize("original", ORIGINALS)
+def test_the_original_line_is_kept_byte_for_byte(original: bytes) -> None:
+    dead = dead_letter_line(original, ERROR)
+    assert dead == spliced(original)
+    assert error_members(dead) == [ERROR]
+    assert [kv for kv in top_level_pairs(dead) if kv[0] != "_error"] == top_level_pairs(original)
+    assert orjson.loads(dead)["_error"] == ERROR
+
+
+def test_numbers_beyond_a_double_are_kept_too() -> None:
+    original = b'{"run_id":"r1","huge":1e400,"long":' + b"9" * 5000 + b"}"
+    dead = dead_letter_line(original, ERROR)
+    assert dead == spliced(original)
+    assert error_members(dead) == [ERROR]
+
+
+def test_a_fixed_dead_letter_sends_what_the_manifest_said() -> None:
+    """The model_json text, as sent, is the manifest's: not 1.2345678901234568e+22."""
+    first = parse_line(MODEL_BIG_INT, 0, "m.jsonl:1")
+    again = parse_line(dead_letter_line(MODEL_BIG_INT, ERROR), 0, "dead.jsonl:1")
+    assert isinstance(first, Record) and isinstance(again, Record), (first, again)
+    assert again.model_json == first.model_json
+    assert b"12345678901234567890123" in again.model_json.encode()
+
+
+def test_a_duplicated_key_stays_duplicated() -> None:
+    """A line rejected for a duplicated key is rejected again, not silently de-duplicated."""
+    original = b'{"run_id":"x","run_id":"y","dataset_inputs":[]}'
+    dead = dead_letter_line(original, ERROR)
+    item = parse_line(dead, 0, "dead.jsonl:1")
+    assert isinstance(item, Rejection)
+    assert (item.field, item.reason) == ("run_id", "duplicated key")
+
+
+NEW = {"status": 500, "code": "InternalServerError", "message": "again", "source": "d:1"}
+NEW_NOTE = b'"_error":' + orjson.dumps(NEW)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'{"_error":{"code":"old"},"run_id":"r1"}', b'{"run_id":"r1",' + NEW_NOTE + b"}"),
+        (
+            b'{"run_id":"r1", "_error": {"code":"old"}, "a":1}',
+            b'{"run_id":"r1", "a":1,' + NEW_NOTE + b"}",
+        ),
+        (b'{"run_id":"r1", "_error":{"code":"old"} }', b'{"run_id":"r1" ,' + NEW_NOTE + b"}"),
+        (b'{"_error":{"code":"old"}}', b"{" + NEW_NOTE + b"}"),
+        (b' { "_error" : 1 } ', b" {  " + NEW_NOTE + b"} "),
+        (b'{"_error":1,"run_id":"r1","_error":2}', b'{"run_id":"r1",' + NEW_NOTE + b"}"),
+        (b'{"_error":1, "_error":2, "a":3}', b'{"a":3,' + NEW_NOTE + b"}"),
+        (b'{"a":1,"_error":2,"_error":3,"b":4}', b'{"a":1,"b":4,' + NEW_NOTE + b"}"),
+        (b'{"_\\u0065rror":1,"a":{"_error":2}}', b'{"a":{"_error":2},' + NEW_NOTE + b"}"),
+    ],
+)
+def test_an_error_already_there_is_replaced(line: bytes, expected: bytes) -> None:
+    dead = dead_letter_line(line, NEW)
+    assert dead == expected
+    assert error_members(dead) == [NEW]
+
+
+@pytest.mark.parametrize("original", ORIGINALS)
+def test_a_dead_letter_that_fails_again_has_one_error(original: bytes) -> None:
+    once = dead_letter_line(original, ERROR)
+    twice = dead_letter_line(once, NEW)
+    assert twice == spliced(original, NEW)
+    assert error_members(twice) == [NEW]
+    assert parse_line(twice, 0, "d:1").__class__ is parse_line(original, 0, "m:1").__class__
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[1, 2]",
+        b'"text"',
+        b"null",
+        b'{"run_id": "r1", ',
+        b'{"a": NaN}',
+        b'{"a": 1}}',
+        b'{"a": 1} {"b": 2}',
+        b'{"a" 1}',
+        b"{1: 2}",
+        b'{"a": 1,}',
+        b"\xef\xbb\xbf{}",
+        b'{"run_id": "r\xff1"}',
+        b'{"a":' + b"[" * 3000 + b"]" * 3000 + b"}",  # deeper than the parser's stack
+    ],
+)
+def test_a_line_that_is_not_a_json_object_is_kept_as_raw_text(line: bytes) -> None:
+    dead = dead_letter_line(line, ERROR)
+    text = line.decode("utf-8", errors="backslashreplace")
+    assert dead == orjson.dumps({"_error": ERROR, "_raw": text})
+
+
+KEYS = ["_error", "run_id", "a", "_\\u0065rror", ""]
+SPACE = st.sampled_from(["", " ", "\t", "\r", " \r\t "])  # no newline: lines never hold one
+
+
+@st.composite
+def object_lines(draw: st.DrawFn) -> str:
+    """JSON object texts with top-level _error members here and there, spaced anyhow."""
+    members = draw(st.lists(st.tuples(st.sampled_from(KEYS), json_texts(SCALARS)), max_size=5))
+    parts = [
+        draw(SPACE) + json.dumps(k).replace("\\\\u", "\\u") + draw(SPACE) + ":" + draw(SPACE) + v
+        for k, v in members
+    ]
+    body = ",".join(p + draw(SPACE) for p in parts) or draw(SPACE)
+    return draw(SPACE) + "{" + body + "}" + draw(SPACE)
+
+
+def strict_object(line: bytes) -> bool:
+    def constant(name: str) -> None:
+        raise ValueError(name)
+
+    try:
+        return isinstance(json.loads(line, parse_constant=constant), dict)
+    except ValueError:
+        return False
+
+
+@settings(database=None, deadline=None, max_examples=300)
+@given(object_lines(), st.integers(min_value=0, max_value=200))
+def test_any_line_gives_one_error_and_its_members_unchanged(text: str, cut: int) -> None:
+    for line in (text.encode(), text[:cut].encode()):
+        dead = dead_letter_line(line, ERROR)
+        if not strict_object(line):
+            raw = line.decode("utf-8", errors="backslashreplace")
+            assert dead == orjson.dumps({"_error": ERROR, "_raw": raw})
+            continue
+        assert error_members(dead) == [ERROR]
+        kept = [kv for kv in top_level_pairs(line) if kv[0] != "_error"]
+        assert [kv for kv in top_level_pairs(dead) if kv[0] != "_error"] == kept
+        if not error_members(line):
+            assert dead == spliced(line)
