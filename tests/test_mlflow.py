@@ -249,3 +249,22 @@ def test_a_tracking_uri_that_is_not_mlflow_stops_in_mlflow_terms(
     assert "does not seem to point at an MLflow server" in out.stderr
     assert "platform" not in out.stderr and "workspace" not in out.stderr
     assert not (tmp_path / "m.dead-letter.jsonl").read_bytes()
+
+
+def test_a_model_mlflow_always_refuses_is_dead_lettered_once_confirmed_absent(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    """MLflow answers 500 to this model every time; each 500 leaves it in doubt. Out of
+    attempts, it is read back once the last attempt can no longer land: absent, so it is
+    the record's failure (exit 1), not a job stuck at exit 3 on every rerun."""
+    runs = new_runs(mlflow_uri, 1)
+    bad = model(runs[0], 1)
+    bad["model_json"]["signature"] = {"inputs": "garbage{"}
+    manifest = write_manifest(tmp_path / "m.jsonl", [bad])
+    args = [*mlflow_args(mlflow_uri, str(manifest)), "--timeout", "1", "--max-attempts", "2"]
+    out = run_cli(args)
+    assert out.returncode == 1, out.stderr
+    dead = [orjson.loads(x) for x in (tmp_path / "m.dead-letter.jsonl").read_bytes().splitlines()]
+    assert len(dead) == 1 and dead[0]["_error"]["status"] == 500
+    assert "may have been applied" not in dead[0]["_error"]["message"]
+    assert history(MlflowClient(mlflow_uri), runs[0]) == []
