@@ -186,18 +186,9 @@ class Emulator:
         if cfg.redirect_to is not None:
             self.state.statuses[302] += 1
             return web.Response(status=302, headers={"Location": cfg.redirect_to})
-        if cfg.unauthorized:
-            return self._error(
-                401,
-                "NotAuthenticated",
-                "The required information to complete authentication was not provided.",
-                rid,
-            )
-        problem = self._authenticate(request, body)
-        if problem:
-            return self._error(401, "NotAuthenticated", problem, rid)
-        if self._bucket is not None and not self._bucket.take():
-            return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
+        refused = self._refuse(request, body, rid)
+        if refused is not None:
+            return refused
         once_key = token or hashlib.sha256(body).hexdigest()  # clients that send no token
         if cfg.throttle_once and once_key not in st.tokens_seen:
             st.tokens_seen.add(once_key)
@@ -263,18 +254,9 @@ class Emulator:
             st.headers_seen.append(dict(request.headers))
         if cfg.latency:
             await asyncio.sleep(cfg.latency)
-        if cfg.unauthorized:
-            return self._error(
-                401,
-                "NotAuthenticated",
-                "The required information to complete authentication was not provided.",
-                rid,
-            )
-        problem = self._authenticate(request, None)
-        if problem:
-            return self._error(401, "NotAuthenticated", problem, rid)
-        if self._bucket is not None and not self._bucket.take():
-            return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
+        refused = self._refuse(request, None, rid)
+        if refused is not None:
+            return refused
         if request.match_info["op"] != "get":
             return self._error(
                 404, "NotFound", f"unknown operation {request.match_info['op']}", rid
@@ -341,6 +323,22 @@ class Emulator:
                     "model_json": doc["model_json"],
                 }
             )
+
+    def _refuse(self, request: web.Request, body: bytes | None, rid: str) -> web.Response | None:
+        """401 (switched on, or a signature that does not verify) or 429 (the bucket)."""
+        if self.config.unauthorized:
+            return self._error(
+                401,
+                "NotAuthenticated",
+                "The required information to complete authentication was not provided.",
+                rid,
+            )
+        problem = self._authenticate(request, body)
+        if problem:
+            return self._error(401, "NotAuthenticated", problem, rid)
+        if self._bucket is not None and not self._bucket.take():
+            return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
+        return None
 
     def _authenticate(self, request: web.Request, body: bytes | None) -> str:
         """Why the request's signature is refused ("" when it verifies). ``body`` is None
