@@ -14,9 +14,11 @@ and nothing may be in the dead letter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ import orjson
 import pytest
 from mlflow import MlflowClient
 
+from batchlog.emulator import EmulatorConfig, EmulatorThread
 from tests.conftest import start_mlflow_server, stop_mlflow_server, write_manifest
 from tests.proxy import HoldingProxy
 
@@ -108,6 +111,15 @@ def _start(args: list[str]) -> subprocess.Popen[bytes]:
     )
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a batchlog process the test left running (a failed wait), and collect it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def _models(client: MlflowClient, run: str) -> list[tuple[str, str]]:
     tags = client.get_run(run).data.tags
     history = json.loads(tags.get("mlflow.log-model.history", "[]"))
@@ -137,13 +149,10 @@ def test_resume_after_kill_with_calls_held_in_a_proxy_logs_each_model_once(
     dead = tmp_path / "dead.jsonl"
 
     upstream_port = int(mlflow_server.uri.rsplit(":", 1)[1])
-    with HoldingProxy(
-        "127.0.0.1",
-        upstream_port,
-        delay=HOLD_S,
-        jitter=HOLD_JITTER_S,
-        read_delay=READ_HOLD_S,
-    ) as proxy:
+    proxy = HoldingProxy(
+        "127.0.0.1", upstream_port, delay=HOLD_S, jitter=HOLD_JITTER_S, read_delay=READ_HOLD_S
+    )
+    with contextlib.ExitStack() as cleanup, proxy:
         args = [
             "upload",
             str(manifest),
@@ -159,6 +168,7 @@ def test_resume_after_kill_with_calls_held_in_a_proxy_logs_each_model_once(
             str(dead),
         ]
         first = _start(args)
+        cleanup.callback(_reap, first)
         # kill while log-model calls are held: they reach MLflow after the client is gone
         want_held = len(expected_models) // KILL_WHEN_HELD
         deadline = time.monotonic() + 60
@@ -167,9 +177,10 @@ def test_resume_after_kill_with_calls_held_in_a_proxy_logs_each_model_once(
             assert time.monotonic() < deadline, f"never {want_held} held: {proxy.stats()}"
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)
-        first.communicate()
+        first.wait()
 
         second = _start(args)  # at once, as a user or a scheduler would
+        cleanup.callback(_reap, second)
         _, err = second.communicate(timeout=180)
         assert proxy.wait_idle(30), proxy.stats()
         stats = proxy.stats()
@@ -190,10 +201,51 @@ def test_resume_after_kill_with_calls_held_in_a_proxy_logs_each_model_once(
             duplicated += max(0, got[model] - 1)
             problems.append(f"run {run}: expected {model} once, history has {dict(got)}")
     for run, name in sorted(expected_datasets):
-        names = {d.dataset.name for d in client.get_run(run).inputs.dataset_inputs}
+        inputs = client.get_run(run).inputs
+        names = {d.dataset.name for d in (inputs.dataset_inputs if inputs else [])}
         if name not in names:
             problems.append(f"run {run}: dataset {name} missing")
     assert not problems, (
         f"{len(problems)} problems, {duplicated} duplicated models ({mlflow_server.workers} "
         f"worker(s); proxy {stats}):\n" + "\n".join(problems[:40])
     )
+
+
+def _post(port: int, path: str, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+    )
+    return sock
+
+
+def test_the_proxy_finishes_a_call_whose_client_died() -> None:
+    """The proxy's own contract, against the emulator: a request whose client closed while
+    it was held still reaches the upstream; one whose client waits gets the answer."""
+    path = "/20260430/aiDataPlatforms/p/workspaces/w/mlops/api/2.0/mlflow/runs/log-model"
+    bodies = [
+        orjson.dumps(
+            {
+                "run_id": "proxyrun",
+                "model_json": orjson.dumps(_model("proxyrun", i)["model_json"]).decode(),
+            }
+        )
+        for i in range(2)
+    ]
+    with EmulatorThread(EmulatorConfig()) as emu:
+        port = int(emu.url.rsplit(":", 1)[1])
+        with HoldingProxy("127.0.0.1", port, delay=0.5) as proxy:
+            gone = _post(proxy.port, path, bodies[0])
+            deadline = time.monotonic() + 10
+            while proxy.holding() < 1:
+                assert time.monotonic() < deadline, proxy.stats()
+                time.sleep(0.01)
+            gone.close()  # the client dies while its request is held
+            with _post(proxy.port, path, bodies[1]) as waiting, waiting.makefile("rb") as f:
+                answer = f.readline()
+            assert proxy.wait_idle(10), proxy.stats()
+            stats = proxy.stats()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert emu.state.applied == len(bodies)
+    assert stats["delivered_after_client_left"] == 1 and stats["relayed"] == 1, stats
