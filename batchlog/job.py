@@ -122,6 +122,7 @@ class Job:
         self._journal: Journal | None = None
         self._dead: DeadLetter | None = None
         self._readers: list[ManifestReader] = []
+        self._open_ended: set[int] = set()  # first keys of each manifest's last call
         self._transport: Transport | None = None
         self._tg: anyio.abc.TaskGroup | None = None  # producer and workers
         self._outer: anyio.abc.TaskGroup | None = None  # flush, progress, timers
@@ -278,6 +279,10 @@ class Job:
                     for reader in self._readers:
                         await self._produce_manifest(reader, grouper, send)
                         for call in grouper.flush():  # a call never spans two manifests
+                            # the last call of a manifest could take in lines appended
+                            # later: journaled as sent before it goes out, so that a resume
+                            # forms it again as it was (same records, same retry token)
+                            self._open_ended.add(call.records[0].seq)
                             await self._send_unfinished(send, call)
                         reader.close()
         except BatchlogError as exc:
@@ -521,9 +526,9 @@ class Job:
             self._journal.sent(
                 call.records[0].seq, tries.first_sent, tries.ready_at, len(call.records), call.token
             )
-            if self._not_idempotent(call):
+            if self._not_idempotent(call) or call.records[0].seq in self._open_ended:
                 # on disk before it goes out: a crash at any moment leaves a resume that
-                # reads the run back first
+                # reads the run back first, or forms the call again exactly
                 await self._flushed.wait()
 
     @contextlib.asynccontextmanager
