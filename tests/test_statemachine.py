@@ -14,9 +14,10 @@ run as a separate process, as a user runs it. The rules:
   per new token, latency; and, where the emulator has them, ``unauthorized`` (401 to
   everything) and ``redirect_to`` (302 to a login page that answers 200).
 - ``run``: to completion, with or without ``--restart``; ``run_and_kill``: SIGKILL once the
-  emulator applied some more calls, or after a short delay; ``run_and_sigterm``: SIGTERM
-  once the emulator saw some more requests, or after a short delay; ``new_checkpoint``: the
-  same manifests, a fresh checkpoint and dead letter.
+  emulator applied some more calls, after a short delay, or once every record of the job
+  is applied (the job finishing); ``run_and_sigterm``: SIGTERM at such a moment (counting
+  requests received); ``new_checkpoint``: the same manifests, a fresh checkpoint and dead
+  letter.
 
 The model, kept deliberately small (README's promises plus the brief's rules):
 
@@ -102,7 +103,7 @@ from tests.conftest import KEY_ID, PLATFORM, WORKSPACE, Oci, upload_args
 
 LONG_EXAMPLES = int(os.environ.get("BATCHLOG_STATEFUL_EXAMPLES", "0"))
 LONG_STEPS = int(os.environ.get("BATCHLOG_STATEFUL_STEPS", "30"))
-QUICK_EXAMPLES = 30
+QUICK_EXAMPLES = 25
 QUICK_STEPS = 14
 RUN_TIMEOUT_S = 60.0  # one batchlog process, at most
 WAIT_S = 5.0  # waiting for a kill or signal moment, at most
@@ -128,6 +129,8 @@ KINDS = ("inputs", "inputs", "inputs", "model", "model", "bad_json", "bad_field"
 KINDS_WITH_BLANK = (*KINDS, "blank")
 
 Key = tuple[str, str, str]  # (op, run, item) as emulator.state.applied_counts() counts
+Moment = int | float | str  # when to kill or signal a run: see JobMachine._moment
+MOMENTS = st.integers(1, 12) | st.floats(0.0, 1.0) | st.just("end")
 
 
 @dataclass
@@ -486,7 +489,8 @@ class JobMachine(RuleBasedStateMachine):
         job = self.current
         sent = len(self.server.state.retry_tokens) - before[0]
         tail = out.stderr[-3000:]
-        assert "Traceback" not in out.stderr, tail
+        crash = out.stderr.find("Traceback")
+        assert crash < 0, f"batchlog crashed (exit {out.returncode}): {out.stderr[crash:][-3000:]}"
         if out.killed:
             self.unsettled = True
             return
@@ -687,39 +691,48 @@ class JobMachine(RuleBasedStateMachine):
         proc, feeder = self._start(restart)
         self._check(self._finish(proc, feeder, False, False), restart, before)
 
-    @rule(moment=st.integers(1, 12) | st.floats(0.0, 1.0))
-    @checked
-    def run_and_kill(self, moment: int | float) -> None:
-        """SIGKILL once the emulator applied ``moment`` more calls (int), or after ``moment``
-        seconds (float); a run that ends first is checked like any other."""
+    def _moment(self, proc: subprocess.Popen[bytes], moment: Moment, requests: bool) -> bool:
+        """Wait (bounded) for a moment of the run; True if the process is still running.
+
+        An int: that many more calls applied (``requests``: requests received) by the
+        emulator; a float: that many seconds; "end": every valid record of the job applied,
+        the job about to finish (its last answers, journal commit and shutdown)."""
         st_ = self.server.state
-        before = self._before_run()
-        applied = st_.applied
-        proc, feeder = self._start(False)
+        start = len(st_.retry_tokens) if requests else st_.applied
+        keys = {line.key for line in self.current.lines() if line.key is not None}
         deadline = time.monotonic() + (moment if isinstance(moment, float) else WAIT_S)
         while proc.poll() is None and time.monotonic() < deadline:
-            if isinstance(moment, int) and st_.applied >= applied + moment:
-                break
+            if isinstance(moment, int):
+                now = len(st_.retry_tokens) if requests else st_.applied
+                if now >= start + moment:
+                    break
+            elif moment == "end":
+                applied = st_.applied_counts()
+                if all(applied[k] for k in keys):
+                    break
             time.sleep(0.002)
-        killed = proc.poll() is None
+        return proc.poll() is None
+
+    @rule(moment=MOMENTS)
+    @checked
+    def run_and_kill(self, moment: Moment) -> None:
+        """SIGKILL at a moment of the run (see ``_moment``); a run that ends first is checked
+        like any other."""
+        before = self._before_run()
+        proc, feeder = self._start(False)
+        killed = self._moment(proc, moment, requests=False)
         if killed:
             proc.kill()
         self._check(self._finish(proc, feeder, killed, False), False, before)
 
-    @rule(moment=st.integers(1, 12) | st.floats(0.0, 1.0))
+    @rule(moment=MOMENTS)
     @checked
-    def run_and_sigterm(self, moment: int | float) -> None:
-        """SIGTERM once the emulator saw ``moment`` more requests (int), or after ``moment``
-        seconds (float); a run that ends first is checked like any other."""
-        st_ = self.server.state
+    def run_and_sigterm(self, moment: Moment) -> None:
+        """SIGTERM at a moment of the run (see ``_moment``: an int counts requests
+        received); a run that ends first is checked like any other."""
         before = self._before_run()
         proc, feeder = self._start(False)
-        deadline = time.monotonic() + (moment if isinstance(moment, float) else WAIT_S)
-        while proc.poll() is None and time.monotonic() < deadline:
-            if isinstance(moment, int) and len(st_.retry_tokens) >= before[0] + moment:
-                break
-            time.sleep(0.002)
-        signalled = proc.poll() is None
+        signalled = self._moment(proc, moment, requests=True)
         if signalled:
             proc.send_signal(signal.SIGTERM)
         self._check(self._finish(proc, feeder, False, signalled), False, before)
