@@ -145,10 +145,14 @@ class Job:
             self._stop_message = "interrupted"
         if self._producer_scope is not None:
             self._producer_scope.cancel()
-        if self._outer is not None:
-            self._outer.start_soon(
-                self._cancel_after, self.settings.grace if grace is None else grace
-            )
+        outer = self._outer
+        if outer is not None:
+            try:
+                outer.start_soon(
+                    self._cancel_after, self.settings.grace if grace is None else grace
+                )
+            except RuntimeError:  # the job is finishing: nothing left to give a grace to
+                pass
 
     async def _cancel_after(self, seconds: float) -> None:
         await anyio.sleep(seconds)
@@ -207,6 +211,7 @@ class Job:
                                 tg.start_soon(self._work, receive.clone())
                     self._settle_held()
                     outer.cancel_scope.cancel()
+                self._tg = self._outer = None  # a stop request from now on has nothing to stop
         finally:
             self._tg = self._outer = None
             for reader in self._readers:
