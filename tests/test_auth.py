@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchlog.auth import load_credentials
+from batchlog.auth import _ranges, load_credentials
 from batchlog.errors import ConfigurationError
 from tests.conftest import Oci, model_record, run_cli, write_manifest
 
@@ -56,16 +56,6 @@ def unparsable_lines(text: str) -> list[int]:
     return [number for number, _ in raised.value.errors]
 
 
-def ranges(numbers: list[int]) -> str:
-    spans: list[list[int]] = []
-    for n in numbers:
-        if spans and spans[-1][1] == n - 1:
-            spans[-1][1] = n
-        else:
-            spans.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
 def test_a_private_key_pasted_into_the_config_is_not_shown(oci: Oci, tmp_path: Path) -> None:
     key = oci.key_pem.decode()
     text = oci.config.read_text() + key  # pasted below key_file, in [DEFAULT]
@@ -79,7 +69,7 @@ def test_a_private_key_pasted_into_the_config_is_not_shown(oci: Oci, tmp_path: P
     assert rc == 2, stderr
     assert_nothing_leaked(key, stdout, stderr)
     assert stderr.strip() == (
-        f"batchlog: error: OCI config {bad} [DEFAULT]: lines {ranges(numbers)} are not "
+        f"batchlog: error: OCI config {bad} [DEFAULT]: lines {_ranges(numbers)} are not "
         "'key = value' lines (a key pasted into the config?)"
     )
 

@@ -6,7 +6,6 @@ the emulator, which verifies every signature.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from tests.conftest import (
     PLATFORM,
     WORKSPACE,
     Oci,
+    free_loopback_port,
     inputs_record,
     mixed_records,
     run_cli,
@@ -210,9 +210,7 @@ def test_a_session_token_refreshed_in_another_terminal_is_picked_up(
 
 
 def test_nothing_listening_stops_fast_with_nothing_failed(tmp_path: Path, oci: Oci) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    port = free_loopback_port()  # bound and closed again: nothing listens there
     records = mixed_records(300, runs=300)
     manifest = write_manifest(tmp_path / "m.jsonl", records)
     args = [
