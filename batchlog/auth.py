@@ -1,6 +1,8 @@
-"""Credentials from OCI configuration, through the `oci` package (the only module importing it).
+"""Credentials from OCI configuration; the `oci` package only for principals.
 
 Every auth type ends as a ``KeySource``: a key id and an RSA key, refreshed for principals.
+The config file, the key file and the passphrase are read here, so that every problem with
+them is told by file, line and reason, never by the text of a line or of a key.
 """
 
 from __future__ import annotations
@@ -8,19 +10,32 @@ from __future__ import annotations
 import configparser
 import logging
 import os
+import re
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from batchlog.errors import ConfigurationError
-from batchlog.signing import KeySource, StaticKey
+from batchlog.signing import KeySnapshot, KeySource, StaticKey, header_safe
 
 log = logging.getLogger("batchlog")
 
 AUTH_TYPES = ("api_key", "security_token", "instance_principal", "resource_principal")
+_OCID = re.compile(r"^([0-9a-zA-Z-_]+[.:])([0-9a-zA-Z-_]*[.:]){3,}([0-9a-zA-Z-_]+)$")
+_SHAPES = {  # what oci.config.PATTERNS checks, and how to say it
+    "user": (_OCID, "an OCID, ocid1.user.oc1..."),
+    "fingerprint": (
+        re.compile(r"^([0-9a-f]{2}:){15}[0-9a-f]{2}$"),
+        "16 pairs of hex digits, aa:bb:...",
+    ),
+    "tenancy": (_OCID, "an OCID, ocid1.tenancy.oc1..."),
+}
+_SECTION = re.compile(r"\[(?P<header>.+)\]")  # configparser's SECTCRE
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,63 +63,170 @@ def load_credentials(auth: str, config_file: str | None, profile: str | None) ->
     return _principal(auth)
 
 
-def _from_config(auth: str, config_file: str, profile: str) -> Credentials:
-    import oci
+@dataclass(frozen=True)
+class _Profile:
+    """One profile of an OCI config file, and the line each of its options is on."""
 
+    file: str  # as the user named it
+    name: str
+    values: dict[str, str] = field(repr=False)  # holds pass_phrase
+    lines: dict[str, int]
+
+    def at(self, option: str) -> str:
+        number = self.lines.get(option)
+        return f"line {number}: " if number else ""
+
+    def error(self, reason: str) -> ConfigurationError:
+        return ConfigurationError(f"OCI config {self.file} [{self.name}]: {reason}")
+
+    def require(self, option: str, hint: str = "") -> str:
+        value = self.values.get(option)
+        if not value:
+            raise self.error(f"{option} is missing{hint}")
+        return value
+
+
+def _from_config(auth: str, config_file: str, profile_name: str) -> Credentials:
+    profile = _read_profile(config_file, profile_name)
+    region = profile.values.get("region") or os.environ.get("OCI_REGION")
+    if auth == "api_key":
+        ids = []
+        for option, (shape, expected) in _SHAPES.items():
+            value = profile.require(option)
+            if not shape.match(value):
+                raise profile.error(
+                    f"{profile.at(option)}{option} is malformed (expected {expected})"
+                )
+            ids.append(value)
+        user, fingerprint, tenancy = ids
+        key = _load_key(profile)
+        return Credentials(StaticKey(f"{tenancy}/{user}/{fingerprint}", key), region)
+    token_file = profile.require("security_token_file", " (run 'oci session authenticate')")
+    token = _first_token(profile, token_file)
+    key = _load_key(profile)
+    return Credentials(SessionTokenKeys(os.path.expanduser(token_file), token, key), region)
+
+
+def _read_profile(config_file: str, name: str) -> _Profile:
+    """The profile, read as UTF-8 and parsed as the oci package does (configparser, no
+    interpolation, [DEFAULT] inherited)."""
     path = os.path.expanduser(config_file)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ConfigurationError(
             f"OCI config file {config_file} not found: set --config-file or OCI_CONFIG_FILE, "
             "or run 'oci setup config' (or use --emulate to try batchlog without an account)"
         )
+    if os.path.isdir(path):
+        raise ConfigurationError(f"OCI config {config_file}: is a directory: give the file")
+    failed = f"OCI config {config_file} [{name}]: cannot be read"
     try:
-        config = oci.config.from_file(path, profile)
-    except oci.exceptions.ProfileNotFound:
-        raise ConfigurationError(
-            f"profile {profile!r} not found in {config_file}: set --profile or OCI_CLI_PROFILE"
-        ) from None
-    except oci.exceptions.ClientError as exc:  # the oci package's own: names, no values
-        raise ConfigurationError(f"OCI config {config_file} [{profile}]: {exc}") from None
-    except Exception as exc:  # configparser's errors quote the lines: a pasted key, say
-        raise ConfigurationError(
-            f"OCI config {config_file} [{profile}]: {_unreadable(exc)}"
-        ) from None
-    key_file = config.get("key_file")
-    if key_file:
-        _warn_if_open(os.path.expanduser(key_file))
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigurationError(f"{failed} ({exc.strerror or type(exc).__name__})") from None
     try:
-        if auth == "api_key":
-            for field in ("user", "fingerprint", "tenancy"):
-                if not config.get(field):
-                    raise ConfigurationError(
-                        f"OCI config {config_file} [{profile}]: {field} is missing"
-                    )
-            signer = oci.signer.Signer.from_config(config)
-            return Credentials(StaticKey(signer.api_key, signer.private_key), config.get("region"))
-        token_file = config.get("security_token_file")
-        if not token_file:
-            raise ConfigurationError(
-                f"OCI config {config_file} [{profile}]: security_token_file is missing "
-                "(run 'oci session authenticate')"
-            )
-        token_path = os.path.expanduser(token_file)
-        token = _read_token(token_path)
-        if not token:
-            raise ConfigurationError(
-                f"OCI config {config_file} [{profile}]: the security token file {token_file} "
-                "is empty (run 'oci session authenticate')"
-            )
-        key = oci.signer.load_private_key_from_file(key_file, config.get("pass_phrase"))
-        return Credentials(SessionTokenKeys(token_path, token, key), config.get("region"))
-    except ConfigurationError:
-        raise
-    except oci.exceptions.InvalidConfig as exc:  # names the bad fields, never their values
-        raise ConfigurationError(f"OCI config {config_file} [{profile}]: {exc}") from None
-    except Exception as exc:  # the oci package raises many kinds; name the cause, not secrets
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigurationError(f"{failed}: line {line} is not UTF-8 text") from None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text)
+    except configparser.Error as exc:  # its messages quote the lines: a pasted key, say
+        raise ConfigurationError(f"OCI config {config_file} [{name}]: {_unreadable(exc)}") from None
+    if name not in parser:
         raise ConfigurationError(
-            f"OCI config {config_file} [{profile}]: cannot load the signing key "
-            f"({type(exc).__name__})"
+            f"profile {name!r} not found in {config_file}: set --profile or OCI_CLI_PROFILE"
+        )
+    profile = _Profile(config_file, name, dict(parser[name]), _option_lines(text, name))
+    if "key_content" in profile.values:  # as the oci package: a key belongs in its own file
+        raise profile.error(
+            f"{profile.at('key_content')}key_content cannot be given in a config file: "
+            "give key_file"
+        )
+    return profile
+
+
+def _option_lines(text: str, profile: str) -> dict[str, int]:
+    """The line each option of ``profile`` is on: its own section's, else [DEFAULT]'s."""
+    found: dict[str, dict[str, int]] = {}
+    section: str | None = None
+    for number, line in enumerate(text.split("\n"), 1):  # numbered as configparser does
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[0].isspace():
+            continue  # blank, a comment, or a continuation of the option above
+        header = _SECTION.match(stripped)
+        if header:
+            section = header.group("header")
+        elif section is not None:
+            option = re.split("[=:]", stripped, maxsplit=1)[0].strip().lower()
+            found.setdefault(section, {}).setdefault(option, number)
+    return {**found.get("DEFAULT", {}), **found.get(profile, {})}
+
+
+def _load_key(profile: _Profile) -> RSAPrivateKey:
+    """The profile's private key, decrypted with its pass_phrase if it has one."""
+    key_file = profile.require("key_file")
+    at = profile.at("key_file")
+    path = os.path.expanduser(key_file)
+    if not os.path.exists(path):  # the value is named only once it is known to be a path
+        raise profile.error(f"{at}key_file: no such file")
+    if os.path.isdir(path):
+        raise profile.error(f"{at}key_file {key_file} is a directory")
+    _warn_if_open(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise profile.error(f"{at}key_file {key_file} cannot be read ({reason})") from None
+    pass_phrase = profile.values.get("pass_phrase") or None
+    password = pass_phrase.encode() if pass_phrase else None
+    try:
+        try:
+            key = load_pem_private_key(data, password)
+        except TypeError:  # encrypted without a pass_phrase, or one for a key without any
+            if password is None:
+                raise profile.error(
+                    f"{at}key_file {key_file} is encrypted: set pass_phrase in the profile"
+                ) from None
+            key = load_pem_private_key(data, None)  # as the oci package: the pass_phrase
+            # may come from [DEFAULT] and belong to another profile's key
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
+            reason = "is a public key: give the private key"
+        elif password is not None and b"ENCRYPTED" in data:
+            raise profile.error(
+                f"{profile.at('pass_phrase')}pass_phrase does not decrypt key_file {key_file}"
+            ) from None
+        else:
+            reason = "is not a PEM private key"
+        raise profile.error(f"{at}key_file {key_file} {reason}") from None
+    if not isinstance(key, RSAPrivateKey):
+        raise profile.error(f"{at}key_file {key_file} is not an RSA key (OCI signs with RSA)")
+    return key
+
+
+def _first_token(profile: _Profile, token_file: str) -> str:
+    at = profile.at("security_token_file")
+    path = os.path.expanduser(token_file)
+    if not os.path.exists(path):
+        raise profile.error(
+            f"{at}security_token_file: no such file (run 'oci session authenticate')"
+        )
+    try:
+        token = _read_token(path)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise profile.error(
+            f"{at}the security token file {token_file} cannot be read ({reason})"
         ) from None
+    problem = _token_problem(token)
+    if problem:
+        raise profile.error(
+            f"{at}the security token file {token_file} {problem} (run 'oci session authenticate')"
+        )
+    return token
 
 
 def _unreadable(exc: Exception) -> str:
@@ -126,10 +248,6 @@ def _unreadable(exc: Exception) -> str:
         return f"line {exc.lineno}: {exc.option} is given twice in [{exc.section}]"
     if isinstance(exc, configparser.DuplicateSectionError):
         return f"line {exc.lineno}: section [{exc.section}] is given twice"
-    if isinstance(exc, ValueError) and str(exc).startswith("'key_content'"):
-        return "key_content cannot be given in a config file: give key_file"
-    if isinstance(exc, OSError):
-        return f"cannot be read ({exc.strerror or type(exc).__name__})"
     return f"cannot be read ({type(exc).__name__})"  # its message might quote the file
 
 
@@ -149,73 +267,116 @@ def _read_token(path: str) -> str:
         return f.read().strip()
 
 
+def _token_problem(token: str) -> str:
+    """Why a security token file's content is no token ("" when it may be one): it goes
+    into a header, and is never shown."""
+    if not token:
+        return "is empty"
+    if not header_safe(token):
+        return "holds line breaks, spaces or control characters: it is not a token"
+    return ""
+
+
 class SessionTokenKeys:
     """A session token (``oci session authenticate``) and its key, seen as a KeySource.
 
     ``oci session refresh`` rewrites the token file with a new token (same key): after a
-    401, ``refresh()`` reads the file again. The token never appears in a message or repr.
+    401, ``refresh()`` reads the file again, once for a whole burst of 401s. The token
+    never appears in a message or repr.
     """
 
     def __init__(self, token_file: str, token: str, key: RSAPrivateKey) -> None:
         self._token_file = token_file
-        self._key_id = f"ST${token}"
-        self._key = key
+        self._snapshot = KeySnapshot(f"ST${token}", key)  # replaced whole: never torn
         self._lock = threading.Lock()  # one refresh at a time
 
     @property
     def refreshable(self) -> bool:
         return True
 
-    def current(self) -> tuple[str, RSAPrivateKey]:
-        return self._key_id, self._key
+    def snapshot(self) -> KeySnapshot:
+        return self._snapshot
 
-    def refresh(self) -> None:
-        """Read the token file again; keep the current token if it cannot be read (missing,
-        or empty while the CLI rewrites it)."""
+    def current(self) -> tuple[str, RSAPrivateKey]:
+        snapshot = self._snapshot
+        return snapshot.key_id, snapshot.private_key
+
+    def refresh(self, seen: int | None = None) -> None:
+        """Read the token file again, unless it was read again since the generation
+        ``seen``; keep the current token if the file cannot be read (missing, or empty
+        while the CLI rewrites it) or holds no token."""
         with self._lock:
-            try:
-                token = _read_token(self._token_file)
-            except (OSError, UnicodeError) as exc:
-                log.warning(
-                    "cannot read the security token file %s again (%s): keeping the token "
-                    "read before",
-                    self._token_file,
-                    type(exc).__name__,
-                )
-                return
-            if not token:
-                log.warning(
-                    "the security token file %s is empty: keeping the token read before",
-                    self._token_file,
-                )
-                return
-            self._key_id = f"ST${token}"
-        log.info("security token read again from %s", self._token_file)
+            now = self._snapshot
+            if seen is not None and seen != now.generation:
+                return  # another 401 of the same burst refreshed already
+            token = self._read_again()
+            # a new generation even when the file could not be used: the burst of 401s
+            # that asked for this read is served by it, the next burst reads again
+            key_id = f"ST${token}" if token else now.key_id
+            self._snapshot = KeySnapshot(key_id, now.private_key, now.generation + 1)
+        if token:
+            log.info("security token read again from %s", self._token_file)
+
+    def _read_again(self) -> str:
+        try:
+            token = _read_token(self._token_file)
+        except (OSError, UnicodeError) as exc:
+            problem = f"cannot be read ({type(exc).__name__})"
+        else:
+            problem = _token_problem(token)
+        if problem:
+            log.warning(
+                "the security token file %s %s: keeping the token read before",
+                self._token_file,
+                problem,
+            )
+            return ""
+        return token
 
     def __repr__(self) -> str:
         return "SessionTokenKeys(...)"
 
 
 class _PrincipalKeys:
-    """A token-based oci signer seen as a KeySource."""
+    """A token-based oci signer seen as a KeySource.
+
+    The oci signer replaces its token and its session key one after the other (when the
+    token expires, inside ``_reset_signers``, and on refresh): every read and refresh here
+    goes through one lock, so a snapshot never pairs a token with another token's key.
+    """
 
     def __init__(self, signer: Any) -> None:
         self._signer = signer  # an oci X509FederationClientBasedSecurityTokenSigner or similar
-        self._lock = threading.Lock()  # one refresh at a time
+        self._lock = threading.Lock()
+        self._snapshot = KeySnapshot(signer.api_key, signer.private_key)
 
     @property
     def refreshable(self) -> bool:
         return True
 
-    def current(self) -> tuple[str, RSAPrivateKey]:
+    def snapshot(self) -> KeySnapshot:
+        with self._lock:
+            return self._read(bump=False)
+
+    def refresh(self, seen: int | None = None) -> None:
+        with self._lock:
+            if seen is not None and seen != self._snapshot.generation:
+                return  # another 401 of the same burst refreshed already
+            self._signer.refresh_security_token()
+            self._read(bump=True)
+
+    def _read(self, bump: bool) -> KeySnapshot:
+        """The signer's token and key now (under the lock), as a snapshot: a new generation
+        when they changed, or when ``bump`` (a refresh happened)."""
         reset = getattr(self._signer, "_reset_signers", None)
         if reset is not None:
             reset()  # re-reads the token, fetching a new one when it has expired
-        return self._signer.api_key, self._signer.private_key
-
-    def refresh(self) -> None:
-        with self._lock:
-            self._signer.refresh_security_token()
+        key_id, key = self._signer.api_key, self._signer.private_key
+        last = self._snapshot
+        if not bump and last.key_id == key_id and last.private_key is key:
+            return last
+        self._snapshot = KeySnapshot(key_id, key, last.generation + 1)
+        return self._snapshot
 
     def __repr__(self) -> str:
         return "PrincipalKeys(...)"
@@ -229,12 +390,13 @@ def _principal(auth: str) -> Credentials:
             signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
         else:
             signer = oci.auth.signers.get_resource_principals_signer()
-    except Exception as exc:
+        keys = _PrincipalKeys(signer)
+    except Exception as exc:  # names the kind only: a message could quote the token
         raise ConfigurationError(
             f"--auth {auth}: cannot obtain a principal token ({type(exc).__name__}); "
             "is this running inside OCI with the right dynamic group and policy?"
         ) from None
-    return Credentials(_PrincipalKeys(signer), getattr(signer, "region", None))
+    return Credentials(keys, getattr(signer, "region", None))
 
 
 def _warn_if_open(path: str) -> None:

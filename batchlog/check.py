@@ -11,7 +11,7 @@ from batchlog.journal import line_hash, read_checkpoint, record_key
 from batchlog.manifest import STDIN, check_readable, read_lines
 from batchlog.plan import Grouper, GroupLimits
 from batchlog.records import Rejection
-from batchlog.target import OciTarget
+from batchlog.target import OciTarget, without_userinfo
 from batchlog.validate import parse_manifests
 
 
@@ -64,11 +64,13 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     letter (the one the checkpoint names, unless ``dead_letter`` is given).
     """
     header, point = read_checkpoint(path, repair=False)
+    # shown without credentials: earlier versions kept a tracking URI's user:password@
+    target = without_userinfo(str(header.get("target", "")))
     manifests = [str(m) for m in header.get("manifests", [])]
     c = point.counts
     if any(m == STDIN for m in manifests) or not all(_exists(m) for m in manifests):
         return Status(
-            header.get("target", ""),
+            target,
             manifests,
             c.succeeded,
             c.failed,
@@ -105,7 +107,7 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     runs_failed = len(failed_runs & runs)
     runs_pending = len(pending_runs - failed_runs)
     return Status(
-        header.get("target", ""),
+        target,
         manifests,
         c.succeeded,
         c.failed,

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -18,7 +19,13 @@ import anyio
 import orjson
 
 from batchlog.check import check_manifests, checkpoint_status
-from batchlog.errors import BatchlogError, ConfigurationError
+from batchlog.errors import (
+    BUG_ADVICE,
+    BatchlogError,
+    ConfigurationError,
+    internal_error,
+    redact,
+)
 from batchlog.job import Job
 from batchlog.plan import GroupLimits
 from batchlog.records import Rejection
@@ -26,6 +33,7 @@ from batchlog.report import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
+    EXIT_SYSTEMIC,
     EXIT_USAGE,
     Counters,
     Report,
@@ -207,24 +215,44 @@ def _target_flags(group: Any) -> None:
 
 
 def _mlflow_target(args: argparse.Namespace) -> tuple[MlflowTarget, str | None, bool]:
-    """The MLflow target, CA file and TLS verification, from flags and MLflow's variables."""
+    """The MLflow target, CA file and TLS verification, from flags and MLflow's variables,
+    in MLflow's order: credentials in the URI, else basic auth, else a bearer token."""
+    from batchlog.transport import tls_context
+
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
     authorization = ""
-    if token:
-        authorization = f"Bearer {token}"
-    elif user and password:
+    if user and password:
         authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    elif token:
+        if any(ord(c) < 32 or ord(c) == 127 for c in token):  # never echoed
+            raise ConfigurationError(
+                "MLFLOW_TRACKING_TOKEN holds line breaks or control characters: it cannot "
+                "be sent in a header (check how it was set)"
+            )
+        authorization = f"Bearer {token}"
     elif user or password:
         raise ConfigurationError(
             "set both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or neither"
         )
-    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1")
-    ca = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or getattr(args, "ca_bundle", None)
-    if ca and not os.path.isfile(ca):
-        raise ConfigurationError(f"CA file {ca}: no such file")
-    return mlflow_target(args.tracking_uri, authorization), ca, not insecure
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").strip().lower()
+    if insecure not in ("", "true", "false", "1", "0"):
+        raise ConfigurationError(
+            f"MLFLOW_TRACKING_INSECURE_TLS={insecure!r}: expected true or false (or 1 or 0)"
+        )
+    cert_path = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+    ca, name = getattr(args, "ca_bundle", None), "--ca-bundle"  # the flag over the variable
+    if not ca:
+        ca, name = os.environ.get(cert_path), cert_path
+    verify_tls = insecure not in ("true", "1")
+    if ca and not verify_tls:  # as MLflow: verification off and a CA to verify with
+        raise ConfigurationError(
+            f"MLFLOW_TRACKING_INSECURE_TLS and {name} are both set: unset one (TLS "
+            "verification cannot be both off and done with a CA file)"
+        )
+    tls_context(ca or None, verify_tls, name)  # a CA file that is none: refused now
+    return mlflow_target(args.tracking_uri, authorization), ca or None, verify_tls
 
 
 # ---- upload ------------------------------------------------------------------------------
@@ -237,9 +265,10 @@ def _settings(
     platform: str,
     workspace: str,
     site: str = "",
+    target: MlflowTarget | None = None,
 ) -> Settings:
     return Settings(
-        target=OciTarget(endpoint, platform, workspace, site=site),
+        target=target or OciTarget(endpoint, platform, workspace, site=site),
         keys=keys,
         concurrency=args.concurrency,
         rate=args.rate,
@@ -260,15 +289,13 @@ def _real_settings(args: argparse.Namespace) -> Settings:
     if args.target == "mlflow":
         target, ca, verify_tls = _mlflow_target(args)
         return dataclasses.replace(
-            _settings(args, None, "", "", ""),
-            target=target,
-            ca_bundle=ca,
-            verify_tls=verify_tls,
+            _settings(args, None, "", "", "", target=target), ca_bundle=ca, verify_tls=verify_tls
         )
     platform, workspace = check_ids(args.platform_id, args.workspace)
-    if args.ca_bundle and not os.path.isfile(args.ca_bundle):
-        raise ConfigurationError(f"--ca-bundle {args.ca_bundle}: no such file")
     from batchlog.auth import load_credentials
+    from batchlog.transport import tls_context
+
+    tls_context(args.ca_bundle, True, "--ca-bundle")  # a CA file that is none: refused now
 
     creds = load_credentials(args.auth, args.config_file, args.profile)
     if args.endpoint:
@@ -339,12 +366,18 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _watch_signals(job: Job, out: TextIO) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stopping = False
         async for signum in signals:
             name = signal.Signals(signum).name
-            print(
-                f"\nbatchlog: {name}: finishing in-flight requests (again to stop at once)",
-                file=out,
-            )
+            if stopping:  # unanswered calls are sent again on resume, with the same tokens
+                print(f"\nbatchlog: {name} again: stopping now", file=out)
+            else:
+                print(
+                    f"\nbatchlog: {name}: reading no more records, finishing in-flight "
+                    "requests (again to stop at once)",
+                    file=out,
+                )
+            stopping = True
             job.request_stop()
 
 
@@ -371,6 +404,9 @@ class _Progress:
             f"{c.rejected:,} rejected, {c.skipped:,} skipped) {done / elapsed:,.0f} rec/s "
             f"{c.throttled:,} throttled{rate} {c.in_flight} in flight{left}"
         )
+        wait = c.retry_after_left()
+        if wait >= 1:
+            line += f", waiting {_duration(wait)} on the server's Retry-After"
         if self._tty:
             print("\r\033[K" + line, end="", file=self._out, flush=True)
         else:
@@ -478,12 +514,19 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
 
     key = None
     if args.public_key:
-        with open(args.public_key, "rb") as f:
-            key = load_pem_public_key(f.read())
+        try:
+            key = load_pem_public_key(_read_input("--public-key", args.public_key))
+        except ValueError:
+            raise ConfigurationError(
+                f"--public-key {args.public_key}: not a PEM public key"
+            ) from None
     runs = None
     if args.known_runs:
-        with open(args.known_runs, encoding="utf-8") as f:
-            runs = frozenset(line.strip() for line in f if line.strip())
+        try:
+            text = _read_input("--known-runs", args.known_runs).decode()
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"--known-runs {args.known_runs}: not UTF-8 text") from None
+        runs = frozenset(line.strip() for line in text.splitlines() if line.strip())
     emulator = Emulator(
         EmulatorConfig(
             public_key=key,  # type: ignore[arg-type]
@@ -498,7 +541,13 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
             seed=args.seed,
         )
     )
-    url = await emulator.start(port=args.port)
+    try:
+        url = await emulator.start(port=args.port)
+    except OSError as exc:
+        await emulator.stop()
+        raise ConfigurationError(
+            f"--port {args.port}: cannot listen on 127.0.0.1: {exc.strerror or exc}"
+        ) from None
     print(
         f"batchlog emulator on {url} (Ctrl-C to stop); applied effects at {url}/_emulator/applied",
         file=out,
@@ -513,6 +562,23 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Tracebacks (-v) with anything shaped like a credential cut out: they quote messages
+    batchlog did not write. batchlog's own messages never hold a secret."""
+
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))
+
+
+def _read_input(flag: str, path: str) -> bytes:
+    """The bytes of a file a flag names; a ConfigurationError naming the flag if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigurationError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stderr
     try:
@@ -520,11 +586,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ConfigurationError as exc:
         print(f"batchlog: error: {exc}", file=out)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="batchlog: %(message)s",
-        stream=out,
-    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(_RedactingFormatter("batchlog: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
         if args.command == "upload":
             if args.dry_run:
@@ -542,10 +606,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_USAGE
     except BatchlogError as exc:
         print(f"batchlog: error: {exc}", file=out)
-        return 3
+        return EXIT_SYSTEMIC
     except KeyboardInterrupt:
         print("\nbatchlog: interrupted", file=out)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if args.verbose:
+            print(redact("".join(traceback.format_exception(exc))), end="", file=out)
+        print(f"batchlog: error: {internal_error(exc)}: {BUG_ADVICE}", file=out)
+        return EXIT_SYSTEMIC
 
 
 def _dry_run(args: argparse.Namespace, out: TextIO) -> int:

@@ -12,6 +12,8 @@ like any other failed record. Transient and permanent request failures are outco
 
 from __future__ import annotations
 
+import re
+
 
 class BatchlogError(Exception):
     """Root of batchlog's own exceptions."""
@@ -31,3 +33,50 @@ class DeadLetterError(BatchlogError):
 
 class SystemicError(BatchlogError):
     """Every request fails the same way (credentials, platform id, workspace): stop early."""
+
+
+def internal_error(exc: BaseException) -> str:
+    """One line naming an exception nobody expected (a bug): its type and its message.
+
+    An exception group (what a task group raises) is named by its first leaf. The message
+    is cut to one line of bounded length: it may quote data, never more than a glimpse.
+    """
+    inner = getattr(exc, "exceptions", None)  # an exception group (3.11, or its backport)
+    while isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    text = redact(" ".join(str(exc).split()))
+    if len(text) > 200:
+        text = text[:200] + "..."
+    name = type(exc).__qualname__
+    return f"internal error: {name}: {text}" if text else f"internal error: {name}"
+
+
+BUG_ADVICE = (
+    "this is a bug in batchlog (-v shows its traceback: please report it); nothing was "
+    "recorded as failed and the checkpoint is intact: run the same command again"
+)
+
+
+# What credentials look like in text nobody meant to show: an Authorization value, the
+# userinfo of a URL, a PEM block, a pass_phrase or password assignment, a JWT (OCI session
+# tokens), and any long unbroken run of base64 (keys, signatures, tokens).
+_SECRET_SHAPES = re.compile(
+    r"(?i:bearer|basic|signature)\s+[^\n]*"
+    r"|(?<=://)[^/\s@:]*:[^/\s@]*(?=@)"
+    r"|-----BEGIN[^-]*-----.*?(?:-----END[^-]*-----|$)"
+    r"|(?i:pass_?phrase|password|passwd)(?:\s*[=:]\s*|\s+)[^\s,;]+"
+    r"|(?i:token|secret|key_content)\s*[=:]\s*[^\s,;]+"
+    r"|\beyJ[\w-]+\.[\w-]+\.?[\w-]*"
+    r"|[A-Za-z0-9+/_-]{80,}={0,2}",
+    re.DOTALL,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with anything shaped like a credential replaced by ``[redacted]``.
+
+    A last line of defence for text batchlog does not control (an unexpected exception's
+    message, a traceback shown with -v): batchlog's own messages never hold secrets.
+    """
+    return _SECRET_SHAPES.sub("[redacted]", text)

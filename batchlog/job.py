@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import random
+import select
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchlog.deadletter import DeadLetter
-from batchlog.errors import BatchlogError
+from batchlog.errors import BUG_ADVICE, BatchlogError, internal_error
 from batchlog.journal import (
     REJECTED,
     Journal,
@@ -47,13 +48,15 @@ from batchlog.manifest import (
     Boundary,
     ManifestChanged,
     ManifestReader,
+    ManifestUnreadable,
     check_readable,
     display_name,
-    open_stream,
+    is_gzip,
+    read_lines,
 )
 from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
-from batchlog.records import Rejection
+from batchlog.records import Record, Rejection
 from batchlog.report import Counters, Report, Status
 from batchlog.retry import NO_ANSWER, NOT_THE_API, Answer
 from batchlog.settings import Settings, resolve_paths
@@ -65,6 +68,7 @@ log = logging.getLogger("batchlog")
 
 
 READ_BATCH = 512  # manifest lines read per hop to the reader thread
+STREAM_IDLE = 0.5  # seconds a pipe may stay silent before the records it gave are sent
 IN_DOUBT_TTL = 24 * 3600.0  # retry tokens expire after this
 LOUD_FAILURES = 100  # failures logged as warnings; the rest at info level (-v)
 
@@ -212,6 +216,10 @@ class Job:
                     self._settle_held()
                     outer.cancel_scope.cancel()
                 self._tg = self._outer = None  # a stop request from now on has nothing to stop
+        except Exception as exc:  # a bug: end like a stopped job, the checkpoint flushed
+            log.info("%s", internal_error(exc), exc_info=exc)
+            self._stop_status = "failed"
+            self._stop_message = f"{internal_error(exc)}: {BUG_ADVICE}"
         finally:
             self._tg = self._outer = None
             for reader in self._readers:
@@ -282,16 +290,46 @@ class Job:
                     scope.cancel()
                 async with send:
                     for reader in self._readers:
-                        await self._produce_manifest(reader, grouper, send)
-                        for call in grouper.flush():  # a call never spans two manifests
-                            # the last call of a manifest could take in lines appended
-                            # later: journaled as sent before it goes out, so that a resume
-                            # forms it again as it was (same records, same retry token)
-                            self._open_ended.add(call.records[0].seq)
-                            await self._send_unfinished(send, call)
+                        cut: ManifestUnreadable | None = None
+                        try:
+                            await self._produce_manifest(reader, grouper, send)
+                        except ManifestUnreadable as exc:  # the lines before it still go
+                            cut = exc
+                        # a call never spans two manifests
+                        await self._send_open_ended(grouper, send)
                         reader.close()
+                        if cut is not None:
+                            self._stop_reading(cut, reader.records_read)
+                            break
         except BatchlogError as exc:
             self._fail_job("failed", str(exc))
+
+    async def _send_open_ended(self, grouper: Grouper, send: MemoryObjectSendStream[Call]) -> None:
+        """Send the call the grouper holds open. It could take in lines read later (appended,
+        or still on their way through a pipe): journaled as sent before it goes out, so that
+        a resume forms it again as it was (same records, same retry token)."""
+        for call in grouper.flush():
+            self._open_ended.add(call.records[0].seq)
+            await self._send_unfinished(send, call)
+
+    def _stop_reading(self, exc: ManifestUnreadable, records: int) -> None:
+        """A manifest cannot be read on (a truncated gzip file): what was read before goes
+        out, then the job stops (exit 3) to be resumed once the file is whole."""
+        if self._stop_status is None:
+            self._stop_status = "stopped"
+            before = f"; its {records:,} records before that were processed" if records else ""
+            self._stop_message = f"{exc}{before}"
+
+    async def _await_input(
+        self, reader: ManifestReader, grouper: Grouper, send: MemoryObjectSendStream[Call]
+    ) -> None:
+        """A pipe has nothing more for now: wait for it (a stop cancels the wait, no thread
+        is stuck in a read). Records it gave go out once it stays silent for a moment."""
+        with anyio.move_on_after(STREAM_IDLE):
+            await _readable(reader.fileno())
+            return
+        await self._send_open_ended(grouper, send)
+        await _readable(reader.fileno())
 
     async def _produce_manifest(
         self, reader: ManifestReader, grouper: Grouper, send: MemoryObjectSendStream[Call]
@@ -302,13 +340,18 @@ class Job:
         before = sum(size or 0 for size in self._sizes[:index])
         while True:
             lines, boundary = await anyio.to_thread.run_sync(reader.batch, READ_BATCH)
-            if not lines and boundary is None:
+            if not lines and boundary is None and not reader.blocked:
                 break
             for line in lines:
                 c.bytes_read = before + line.end
                 key = record_key(index, line.record)
                 h = line_hash(line.raw)
-                item = parse_line(line.raw, key, f"{name}:{line.number}")
+                source = f"{name}:{line.number}"
+                item: Record | Rejection = (
+                    Rejection(key, source, line.raw, "(line)", line.problem)
+                    if line.problem  # over-long: never read whole
+                    else parse_line(line.raw, key, source)
+                )
                 known = done.get(key)
                 if known is not None:  # finished by an earlier run
                     if known != h:
@@ -328,6 +371,8 @@ class Job:
                     await self._send_unfinished(send, call)
             if boundary is not None:
                 journal.boundary(index, boundary)
+            if reader.blocked:
+                await self._await_input(reader, grouper, send)
         if reader.partial:
             log.warning(
                 "%s:%d has no newline and is not a whole JSON document (still being written?): "
@@ -471,6 +516,7 @@ class Job:
                     return  # left unfinished: resent with the same token on resume
                 c.retries += 1
                 delay = policy.delay(tries.attempts, answer, self._rng)
+                c.waiting_on_retry_after(delay if answer.retry_after is not None else None)
                 if tries.read_back:
                     delay = max(delay, tries.ready_at - time.time())
                 await anyio.sleep(delay)
@@ -723,34 +769,36 @@ def _check_done_lines(path: str, index: int, mark: Boundary, done: dict[int, str
     """Read the lines beyond the watermark that an earlier run finished and check that they
     are unchanged, before any request (stdin and pipes are checked as they stream past)."""
     wanted = {record_of(k): h for k, h in done.items() if manifest_of(k) == index}
-    if not wanted or not os.path.isfile(path):
+    if not wanted or path == STDIN or not os.path.isfile(path):
         return
     last = max(wanted)
-    record = mark.records
-    with open_stream(path) as stream:
-        stream.seek(mark.offset)
-        for number, chunk in enumerate(stream, mark.line):
-            raw = chunk.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            expected = wanted.get(record)
-            if expected is not None and expected != line_hash(raw):
-                raise ManifestChanged(
-                    f"{display_name(path)}:{number}, uploaded by an earlier run, is not what it was"
-                )
-            if record >= last:
-                return
-            record += 1
+    for line in read_lines(path, index, mark):
+        expected = wanted.get(line.record)
+        if expected is not None and expected != line_hash(line.raw):
+            raise ManifestChanged(
+                f"{display_name(path)}:{line.number}, uploaded by an earlier run, "
+                "is not what it was"
+            )
+        if line.record >= last:
+            return
     raise ManifestChanged(
         f"{display_name(path)} ends before its record {last + 1:,}, which an earlier run "
         "uploaded: it was cut short"
     )
 
 
+async def _readable(fd: int) -> None:
+    try:
+        await anyio.wait_readable(fd)
+    except OSError:  # a descriptor the event loop cannot watch: poll it
+        while not select.select([fd], [], [], 0)[0]:
+            await anyio.sleep(0.05)
+
+
 def _sizes(manifests: list[str]) -> list[int | None]:
     out: list[int | None] = []
     for path in manifests:
-        if path == STDIN or path.endswith(".gz") or not os.path.isfile(path):
+        if path == STDIN or not os.path.isfile(path) or is_gzip(path):
             out.append(None)  # not known (a pipe such as <(...) included)
         else:
             out.append(os.path.getsize(path))

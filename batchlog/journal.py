@@ -48,6 +48,7 @@ import orjson
 from batchlog import durable
 from batchlog.errors import CheckpointError
 from batchlog.manifest import Boundary
+from batchlog.target import without_userinfo
 
 log = logging.getLogger("batchlog")
 
@@ -440,7 +441,8 @@ def _check_same_job(
     hint = "use --restart to start over, or give another --checkpoint"
     if existing.get("target") != header["target"]:
         raise CheckpointError(
-            f"checkpoint {path} belongs to another target ({existing.get('target')}); {hint}"
+            f"checkpoint {path} belongs to another target "
+            f"({without_userinfo(str(existing.get('target')))}); {hint}"
         )
     old, new = existing.get("manifests"), header["manifests"]
     if old != new:

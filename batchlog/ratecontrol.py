@@ -16,6 +16,8 @@ from collections import deque
 import anyio
 from aiolimiter import AsyncLimiter
 
+from batchlog.retry import MAX_RETRY_AFTER
+
 
 class Pacer:
     """Lets acquisitions through ``1/rate`` apart, one waiter timing at a time (FIFO).
@@ -37,6 +39,9 @@ class Pacer:
         self._interval = 1.0 / rate
 
     def hold(self, seconds: float) -> None:
+        """No slot for ``seconds`` (a Retry-After): at most MAX_RETRY_AFTER, as for one call."""
+        if not 0.0 < seconds <= MAX_RETRY_AFTER:  # nan and inf too: a hold must end
+            seconds = MAX_RETRY_AFTER if seconds > MAX_RETRY_AFTER else 0.0
         self._hold_until = max(self._hold_until, time.monotonic() + seconds)
 
     async def acquire(self) -> None:

@@ -33,7 +33,18 @@ class Counters:
     rate: float = math.inf  # the rate limit in force, requests per second
     bytes_total: int | None = None  # size of the manifests, when known (not .gz or stdin)
     bytes_read: int = 0  # how far the reader is through them
+    retry_after_until: float = 0.0  # monotonic time a call waits until on a Retry-After
     started: float = field(default_factory=time.monotonic)
+
+    def waiting_on_retry_after(self, seconds: float | None) -> None:
+        """A call waits ``seconds`` (None or 0: it does not) because the server said so."""
+        if seconds is not None and seconds > 0:
+            until = time.monotonic() + seconds
+            self.retry_after_until = max(self.retry_after_until, until)
+
+    def retry_after_left(self) -> float:
+        """Seconds the longest wait on a server's Retry-After still lasts (0: none)."""
+        return max(0.0, self.retry_after_until - time.monotonic())
 
     def eta(self) -> float | None:
         """Seconds left, estimated from the bytes read and the pace of this run."""

@@ -5,8 +5,12 @@ It never sleeps: the pool does, on the event loop.
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Literal
 
 Verdict = Literal["ok", "retry", "permanent", "unauthorized", "redirect"]
@@ -23,6 +27,13 @@ NOT_THE_API = "NotTheApi"
 # code of a 400/500 caused by a database unique constraint: two writes of the same thing
 # raced (a late-applied duplicate and its retry); it may have been applied: read it back
 UNIQUE_CONFLICT = "UniqueConflict"
+# code of an answer whose status is no final HTTP status (below 200, above 599): something
+# came back, garbled; the request may have been applied, as with no answer at all
+BAD_STATUS = "BadStatus"
+# the longest a server's Retry-After is honoured, for one call and for the shared pacer
+# alike: a proxy's "Retry-After: 100000" must not hold a job for a day (README)
+MAX_RETRY_AFTER = 300.0
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # RFC 9110 delay-seconds (and decimals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +55,7 @@ class Answer:
             return False
         if self.code == NOT_THE_API:  # the API never saw it
             return False
-        if self.code == UNIQUE_CONFLICT:
+        if self.code in (UNIQUE_CONFLICT, BAD_STATUS):
             return True
         return self.status == NO_ANSWER or self.status >= 500
 
@@ -54,7 +65,7 @@ class RetryPolicy:
     max_attempts: int = 8
     base_delay: float = 0.25  # seconds; the first retry waits up to this
     max_delay: float = 60.0  # cap of the exponential back-off
-    max_retry_after: float = 300.0  # a Retry-After larger than this is clipped
+    max_retry_after: float = MAX_RETRY_AFTER  # a Retry-After larger than this is clipped
 
     def verdict(self, answer: Answer) -> Verdict:
         status = answer.status
@@ -64,8 +75,8 @@ class RetryPolicy:
             return "ok"
         if 300 <= status < 400:
             return "redirect"  # a proxy or login page: never followed, never a success
-        if answer.code == UNIQUE_CONFLICT:
-            return "retry"  # a transient conflict: read back, then resend if absent
+        if answer.code in (UNIQUE_CONFLICT, BAD_STATUS):
+            return "retry"  # a transient conflict, a garbled answer: read back, resend
         if status == NO_ANSWER or status == 429 or (status >= 500 and status != 501):
             return "retry"
         if status == 409 and answer.code in TRANSIENT_CONFLICTS:
@@ -76,24 +87,36 @@ class RetryPolicy:
 
     def delay(self, attempt: int, answer: Answer, rng: random.Random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        if answer.retry_after is not None:
-            return min(max(answer.retry_after, 0.0), self.max_retry_after)
+        wait = answer.retry_after
+        if wait is not None and math.isfinite(wait):
+            return min(max(wait, 0.0), self.max_retry_after)
         ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
         return rng.uniform(0.0, ceiling)  # full jitter
 
 
 def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header, at most MAX_RETRY_AFTER; None when there
+    is none or it cannot be read (nan, inf, negative, garbage: the back-off applies).
+
+    RFC 9110 allows delay-seconds (a non-negative integer) or an HTTP-date: IMF-fixdate,
+    the obsolete RFC 850 form or asctime's; a date in the past means now. A date without a
+    zone (asctime) or in ``-0000`` is UTC, as every HTTP-date is.
+    """
     if not value:
         return None
+    text = value.strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        if len(text.partition(".")[0]) > 9:  # far beyond the cap (and float() of 5,000
+            return MAX_RETRY_AFTER  # digits is slow): no need to read it
+        return min(float(text), MAX_RETRY_AFTER)
     try:
-        return float(value)
-    except ValueError:
-        pass
-    from datetime import datetime, timezone
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    except OverflowError:
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)

@@ -11,6 +11,7 @@ from batchlog.plan import GroupLimits
 from batchlog.retry import RetryPolicy
 from batchlog.signing import KeySource
 from batchlog.target import Target
+from batchlog.transport import tls_context
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class Settings:
     flush_interval: float = 0.2  # seconds between journal commits
     grace: float = 10.0  # seconds in-flight requests get to finish on a stop request
     systemic_after: int = 8  # stop when this many answers are all 401/404 before any success
+
+    def __post_init__(self) -> None:
+        tls_context(self.ca_bundle, self.verify_tls)  # a CA file that is none: refused now
+        if self.user_principal and any(ord(c) < 32 or ord(c) == 127 for c in self.user_principal):
+            raise ConfigurationError("--user-principal holds line breaks or control characters")
 
 
 def _stem(manifest: str) -> str:

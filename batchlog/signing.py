@@ -7,6 +7,7 @@ already has, and the key, key id and header list are reused for every request.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Protocol
@@ -19,6 +20,31 @@ SIGNED_HEADERS = "date (request-target) host content-length content-type x-conte
 GET_SIGNED_HEADERS = "date (request-target) host"  # OCI signs a GET (no body) with these
 _PADDING = padding.PKCS1v15()
 _HASH = hashes.SHA256()
+# what a key id may hold: printable ASCII, no space, quote or backslash (it is quoted in a header)
+_HEADER_SAFE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def header_safe(value: str) -> bool:
+    """Whether ``value`` can go into a quoted header field as it is (a key id, a token)."""
+    return _HEADER_SAFE.fullmatch(value) is not None
+
+
+class KeySnapshot:
+    """A key id and the key that goes with it, read together, and the generation they
+    belong to: a signer takes one snapshot and never mixes one token with another's key.
+    Neither the key nor the id (a session token, "ST$<token>") is ever shown."""
+
+    __slots__ = ("generation", "key_id", "private_key")
+
+    def __init__(self, key_id: str, private_key: RSAPrivateKey, generation: int = 0) -> None:
+        if not header_safe(key_id):  # it goes into the Authorization header
+            raise ValueError("the key id holds characters a header cannot carry")
+        self.key_id = key_id
+        self.private_key = private_key
+        self.generation = generation
+
+    def __repr__(self) -> str:
+        return f"KeySnapshot(generation={self.generation})"
 
 
 class KeySource(Protocol):
@@ -29,12 +55,15 @@ class KeySource(Protocol):
         """True for token-based principals, which can fetch a fresh token after a 401."""
         ...
 
-    def current(self) -> tuple[str, RSAPrivateKey]:
-        """The key id and key to sign with now. May block (a token refresh): call in a thread."""
+    def snapshot(self) -> KeySnapshot:
+        """The key id and key to sign with now, as one value. May block (a token refresh):
+        call in a thread."""
         ...
 
-    def refresh(self) -> None:
-        """Fetch a fresh token (principals only). Blocking."""
+    def refresh(self, seen: int | None = None) -> None:
+        """Fetch a fresh token (principals only), unless the generation has moved past
+        ``seen`` (the generation a refused request was signed with): another caller already
+        refreshed, and one refresh serves a whole burst of 401s. Blocking."""
         ...
 
 
@@ -49,10 +78,10 @@ class StaticKey:
     def refreshable(self) -> bool:
         return False
 
-    def current(self) -> tuple[str, RSAPrivateKey]:
-        return self.key_id, self.private_key
+    def snapshot(self) -> KeySnapshot:
+        return KeySnapshot(self.key_id, self.private_key)
 
-    def refresh(self) -> None:
+    def refresh(self, seen: int | None = None) -> None:
         return None
 
     def __repr__(self) -> str:  # never show the key, nor a security token ("ST$<token>")
@@ -77,32 +106,38 @@ def get_signing_string(date: str, path_and_query: str, host: str) -> bytes:
     return f"date: {date}\n(request-target): get {path_and_query}\nhost: {host}".encode()
 
 
+def post_headers(
+    keys: KeySnapshot, path: str, host: str, length: int, body_sha256: str
+) -> dict[str, str]:
+    """The date and authorization headers for a JSON POST, stamped now. Blocking (RSA)."""
+    date = http_date()
+    signed = signing_string(date, path, host, length, body_sha256)
+    return {"date": date, "authorization": _authorization(keys, SIGNED_HEADERS, signed)}
+
+
+def get_headers(keys: KeySnapshot, path_and_query: str, host: str) -> dict[str, str]:
+    """The date and authorization headers for a GET of ``path_and_query`` (already
+    percent-encoded, exactly as sent), stamped now. Blocking (RSA)."""
+    date = http_date()
+    signed = get_signing_string(date, path_and_query, host)
+    return {"date": date, "authorization": _authorization(keys, GET_SIGNED_HEADERS, signed)}
+
+
 def sign_post(
     keys: KeySource, path: str, host: str, length: int, body_sha256: str
 ) -> dict[str, str]:
-    """The date and authorization headers for a JSON POST, stamped now. Blocking (RSA)."""
-    key_id, key = keys.current()
-    date = http_date()
-    signature = key.sign(signing_string(date, path, host, length, body_sha256), _PADDING, _HASH)
-    return {
-        "date": date,
-        "authorization": (
-            f'Signature version="1",headers="{SIGNED_HEADERS}",keyId="{key_id}",'
-            f'algorithm="rsa-sha256",signature="{base64.b64encode(signature).decode()}"'
-        ),
-    }
+    """``post_headers`` with the source's key as it is now."""
+    return post_headers(keys.snapshot(), path, host, length, body_sha256)
 
 
 def sign_get(keys: KeySource, path_and_query: str, host: str) -> dict[str, str]:
-    """The date and authorization headers for a GET of ``path_and_query`` (already
-    percent-encoded, exactly as sent), stamped now. Blocking (RSA)."""
-    key_id, key = keys.current()
-    date = http_date()
-    signature = key.sign(get_signing_string(date, path_and_query, host), _PADDING, _HASH)
-    return {
-        "date": date,
-        "authorization": (
-            f'Signature version="1",headers="{GET_SIGNED_HEADERS}",keyId="{key_id}",'
-            f'algorithm="rsa-sha256",signature="{base64.b64encode(signature).decode()}"'
-        ),
-    }
+    """``get_headers`` with the source's key as it is now."""
+    return get_headers(keys.snapshot(), path_and_query, host)
+
+
+def _authorization(keys: KeySnapshot, headers: str, signed: bytes) -> str:
+    signature = base64.b64encode(keys.private_key.sign(signed, _PADDING, _HASH)).decode()
+    return (
+        f'Signature version="1",headers="{headers}",keyId="{keys.key_id}",'
+        f'algorithm="rsa-sha256",signature="{signature}"'
+    )

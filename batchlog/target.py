@@ -3,14 +3,68 @@ what a target says about itself in messages."""
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+import logging
+import re
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from batchlog.errors import ConfigurationError
 from batchlog.retry import NO_ANSWER, Answer
 
 API_VERSION = "20260430"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+_USERINFO = re.compile(r"(?<=://)[^/?#]*@")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a header value cannot hold these
+
+log = logging.getLogger("batchlog")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a URL's hostname) is this machine: localhost, 127.0.0.0/8, ::1."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def without_userinfo(text: str) -> str:
+    """``text`` with any ``user:password@`` after a ``scheme://`` taken out (a URL, or a
+    checkpoint's target written by a version that kept it)."""
+    return _USERINFO.sub("", text)
+
+
+def _split(url: str, name: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigurationError(
+            f"{name} {without_userinfo(url)!r}: not a URL (expected http(s)://HOST[:PORT])"
+        ) from None
+    return parts
+
+
+def _check_site(url: str, name: str, credentials: bool) -> SplitResult:
+    """Refuse what must never be contacted: no http(s) URL with a host, credentials written
+    into it, or credentials (a signature, a token) over plain http beyond loopback."""
+    parts = _split(url, name)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(  # never echo it: it holds credentials
+            f"{name}: give only scheme, host and port (no user or password)"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"{name} {url!r}: expected http(s)://HOST[:PORT]")
+    if credentials and parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ConfigurationError(
+            f"{name} {url!r}: plain http is refused except on loopback (credentials would "
+            "cross the network in the clear); use https"
+        )
+    return parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +77,9 @@ class OciTarget:
     datasets_field: str = "dataset_inputs"  # the name of the datasets array in log-inputs
     site: str = ""  # where the calls go, for the checkpoint: "" means the endpoint itself
     # ("emulator" for --emulate, whose port changes from run to run)
+
+    def __post_init__(self) -> None:  # every request is signed: never over plain http
+        _check_site(self.endpoint, "endpoint", credentials=True)
 
     @property
     def identity(self) -> str:
@@ -96,6 +153,14 @@ class MlflowTarget:
     authorization: str = field(default="", repr=False)  # Authorization header value, or ""
     datasets_field: str = "datasets"  # MLflow's name for the datasets array in log-inputs
 
+    def __post_init__(self) -> None:
+        _check_site(self.endpoint, "tracking URI", credentials=bool(self.authorization))
+        if _CONTROL.search(self.authorization):
+            raise ConfigurationError(  # never echo it
+                "the MLflow credentials hold line breaks or control characters: they cannot "
+                "be sent in a header"
+            )
+
     @property
     def identity(self) -> str:
         """What the checkpoint is bound to."""
@@ -166,26 +231,33 @@ Target = OciTarget | MlflowTarget
 
 
 def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTarget:
+    """The MLflow target of ``tracking_uri``, sending ``authorization`` (from MLflow's
+    variables), or, as MLflow's client does, the ``user:password@`` written into the URI as
+    basic auth in its place (percent-decoded). Those credentials are taken out of the URI:
+    never in the target's identity, a message, the checkpoint or a report."""
     if not tracking_uri:
         raise ConfigurationError(
             "--tracking-uri is required with --target mlflow (or set MLFLOW_TRACKING_URI)"
         )
-    parts = urlsplit(tracking_uri)
-    if parts.username is not None or parts.password is not None:
-        raise ConfigurationError(  # never echo the URI: it holds a password
-            "--tracking-uri: credentials in the URI are not supported; set "
-            "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-        )
+    parts = _split(tracking_uri, "--tracking-uri")
+    shown = without_userinfo(tracking_uri)
+    if parts.password is not None:  # user:password@ (MLflow ignores a user alone, as here)
+        if authorization:
+            log.warning(
+                "the tracking URI holds credentials: they are used, and MLFLOW_TRACKING_TOKEN "
+                "or MLFLOW_TRACKING_USERNAME/PASSWORD ignored, as MLflow does"
+            )
+        userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password)}"
+        authorization = "Basic " + base64.b64encode(userinfo.encode()).decode()
     if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"--tracking-uri {shown!r}: expected http(s)://HOST[:PORT][/PATH]")
+    if authorization and parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigurationError(
-            f"--tracking-uri {tracking_uri!r}: expected http(s)://HOST[:PORT][/PATH]"
+            f"--tracking-uri {shown!r}: credentials are not sent over plain http except on "
+            "loopback; use https"
         )
-    if authorization and parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
-        raise ConfigurationError(
-            f"--tracking-uri {tracking_uri!r}: credentials are not sent over plain http "
-            "except on loopback; use https"
-        )
-    return MlflowTarget(f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"), authorization)
+    netloc = parts.netloc.rpartition("@")[2]
+    return MlflowTarget(f"{parts.scheme}://{netloc}", parts.path.rstrip("/"), authorization)
 
 
 def region_endpoint(region: str) -> str:
@@ -194,20 +266,10 @@ def region_endpoint(region: str) -> str:
 
 def check_endpoint(endpoint: str) -> str:
     """Normalise an endpoint; refuse plain http to anything but loopback."""
-    parts = urlsplit(endpoint)
-    if parts.username is not None or parts.password is not None:
-        raise ConfigurationError(  # never echo it: it holds credentials
-            "--endpoint: give only scheme, host and port (no user or password)"
-        )
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(f"--endpoint {endpoint!r}: expected https://HOST[:PORT]")
+    parts = _check_site(endpoint, "--endpoint", credentials=True)
     if parts.path not in ("", "/") or parts.query:
         raise ConfigurationError(
             f"--endpoint {endpoint!r}: give only scheme, host and port; batchlog adds the path"
-        )
-    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
-        raise ConfigurationError(
-            f"--endpoint {endpoint!r}: plain http is refused except on loopback; use https"
         )
     return f"{parts.scheme}://{parts.netloc}"
 

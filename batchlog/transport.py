@@ -7,17 +7,22 @@ it neither blocks the event loop nor waits behind anything else; retries sleep o
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
+import html
 import itertools
 import json
+import logging
 import os
 import re
 import secrets
 import ssl
 import threading
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -26,8 +31,10 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from batchlog.errors import ConfigurationError
 from batchlog.plan import Call
 from batchlog.retry import (
+    BAD_STATUS,
     CANNOT_CONNECT,
     NO_ANSWER,
     NOT_THE_API,
@@ -37,10 +44,22 @@ from batchlog.retry import (
     Answer,
     parse_retry_after,
 )
-from batchlog.signing import KeySource, sign_get, sign_post
+from batchlog.signing import KeySnapshot, KeySource, get_headers, post_headers
 from batchlog.target import MlflowTarget, Target
 
-_MAX_MESSAGE = 500
+_MAX_MESSAGE = 500  # characters of an answer's message, one line (logs, dead letter)
+_MAX_CODE = 100  # characters of an answer's code and request id
+_MAX_ETAG = 200
+# bytes of an answer's body read at most: the API's answers are a few hundred bytes, and
+# only a short message is kept of the rest; a proxy's page of megabytes must neither fill
+# memory (times every call in flight) nor hold the call while it trickles in
+_MAX_BODY = 1 << 16
+# what never goes into a message: controls (line breaks, escapes), format characters
+# (bidi overrides, zero-width), lone surrogates (invalid UTF-8 as aiohttp decodes it, which
+# no JSON writer accepts), line and paragraph separators
+_UNSAFE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]*>?")
 HISTORY_TAG = "mlflow.log-model.history"  # where MLflow keeps a run's logged models
 # a database's unique-constraint violation (sqlite, Postgres, MySQL, SQL Server): MLflow
 # answers 400 or 500 with one of these when a late-applied duplicate and its retry race
@@ -128,6 +147,50 @@ def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) 
             future.set_result(result)
 
 
+log = logging.getLogger("batchlog")
+# the key generation the current task's last request was signed with: a 401 to it asks for
+# a refresh only if no other request's 401 has refreshed since (one refresh per burst)
+_signed_with: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "batchlog_signed_with", default=None
+)
+
+
+def tls_context(
+    ca_bundle: str | None, verify: bool, name: str = "CA file"
+) -> ssl.SSLContext | bool:
+    """How the session verifies TLS: with the system's CAs (True), with ``ca_bundle``'s, or
+    not at all (False, only on request). A CA file that cannot be used is a
+    ConfigurationError naming it (as ``name``) and why."""
+    if not verify:
+        if ca_bundle:
+            raise ConfigurationError(
+                f"TLS verification is off and {name} {ca_bundle} is given: choose one"
+            )
+        return False
+    if not ca_bundle:
+        return True
+    if os.path.isdir(ca_bundle):
+        raise ConfigurationError(f"{name} {ca_bundle}: is a directory")
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except FileNotFoundError:
+        raise ConfigurationError(f"{name} {ca_bundle}: no such file") from None
+    except ssl.SSLError:
+        raise ConfigurationError(f"{name} {ca_bundle}: no PEM certificate in it") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigurationError(f"{name} {ca_bundle}: cannot be read ({reason})") from None
+
+
+def _sign(
+    headers: Callable[..., dict[str, str]], keys: KeySource, *args: Any
+) -> tuple[dict[str, str], int]:
+    """Signed headers from one snapshot of the key, and the generation signed with.
+    Blocking (a token refresh, RSA): runs on the signing pool."""
+    snapshot: KeySnapshot = keys.snapshot()
+    return headers(snapshot, *args), snapshot.generation
+
+
 class Transport:
     """One aiohttp session and one signing pool for a job."""
 
@@ -146,9 +209,14 @@ class Transport:
         self._keys = keys
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0))
-        self._ca_bundle = ca_bundle
-        self._verify_tls = verify_tls
+        self._ssl = tls_context(ca_bundle, verify_tls)
         self._oci = isinstance(target, MlflowTarget) is False  # OCI: signed, with opc headers
+        if self._ssl is False and urlsplit(target.endpoint).scheme == "https":
+            log.warning(
+                "TLS certificate verification is off (MLFLOW_TRACKING_INSECURE_TLS): "
+                "nothing proves %s is the server, and credentials go to whoever answers",
+                target.host,
+            )
         self._host = target.host  # the Host header, as signed
         self._fixed_headers = {  # sent with every request
             "content-type": "application/json",
@@ -170,13 +238,8 @@ class Transport:
         self._ids = RequestIds()
 
     async def __aenter__(self) -> Transport:
-        ssl_ctx: ssl.SSLContext | bool = True
-        if not self._verify_tls:
-            ssl_ctx = False
-        elif self._ca_bundle:
-            ssl_ctx = ssl.create_default_context(cafile=self._ca_bundle)
         connector = aiohttp.TCPConnector(
-            limit=self._concurrency, ssl=ssl_ctx, keepalive_timeout=60, enable_cleanup_closed=True
+            limit=self._concurrency, ssl=self._ssl, keepalive_timeout=60, enable_cleanup_closed=True
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -195,9 +258,11 @@ class Transport:
             self._signers.close()
 
     async def refresh_credentials(self) -> None:
+        """Refresh the key after a 401 to the current task's last request, unless another
+        401 has refreshed it since that request was signed."""
         assert self._signers is not None
         if self._keys is not None:
-            await self._signers.run(self._keys.refresh)
+            await self._signers.run(self._keys.refresh, _signed_with.get())
 
     async def send(self, call: Call) -> Answer:
         """One attempt: sign now, post, and describe what came back. Never raises on HTTP.
@@ -215,8 +280,9 @@ class Transport:
             headers["opc-request-id"] = request_id
             headers["opc-retry-token"] = call.token
             try:
-                signed = await self._signers.run(
-                    sign_post,
+                signed, generation = await self._signers.run(
+                    _sign,
+                    post_headers,
                     self._keys,
                     self._paths[call.op],
                     self._host,
@@ -225,13 +291,14 @@ class Transport:
                 )
             except Exception as exc:  # a principal token that cannot be fetched, a broken key
                 return Answer(NO_ANSWER, SIGNING_FAILED, type(exc).__name__, request_id, sent=False)
+            _signed_with.set(generation)
             headers.update(signed)
             headers["x-content-sha256"] = call.body_sha256
         try:
             async with self._session.post(
                 self._urls[call.op], data=call.body, headers=headers, allow_redirects=False
             ) as resp:
-                payload = await resp.read()
+                payload = await _read_capped(resp)
                 return _answer(resp.status, resp.headers, payload, request_id)
         # A connector error is raised while the connection is being made, before any byte
         # of the request is written; aiohttp re-sends on a fresh connection only for
@@ -251,7 +318,7 @@ class Transport:
         except asyncio.TimeoutError:
             return Answer(NO_ANSWER, "Timeout", "no answer within the timeout", request_id)
         except aiohttp.ClientError as exc:  # e.g. a kept-alive connection reset: may have landed
-            return Answer(NO_ANSWER, type(exc).__name__, str(exc)[:_MAX_MESSAGE], request_id)
+            return Answer(NO_ANSWER, type(exc).__name__, _one_line(str(exc)), request_id)
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run as runs/get returns it (``{"info", "data", "inputs"}``); None when it
@@ -266,7 +333,9 @@ class Transport:
         if self._keys is not None:
             headers["opc-request-id"] = self._ids.next()
             try:
-                signed = await self._signers.run(sign_get, self._keys, path_and_query, self._host)
+                signed, _ = await self._signers.run(
+                    _sign, get_headers, self._keys, path_and_query, self._host
+                )
             except Exception:
                 return None
             headers.update(signed)
@@ -307,27 +376,71 @@ class Transport:
         return True
 
 
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, or its first _MAX_BODY bytes (the rest is never read: the connection is
+    closed instead of reused)."""
+    if resp.content_length is not None and resp.content_length <= _MAX_BODY:
+        return await resp.read()  # the usual answer, small and announced
+    chunks: list[bytes] = []
+    size = 0
+    while size < _MAX_BODY:
+        chunk = await resp.content.read(_MAX_BODY - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _answer(status: int, headers: Mapping[str, str], payload: bytes, request_id: str) -> Answer:
-    """An HTTP answer described (``headers`` as aiohttp gives them: case-insensitive)."""
-    rid = headers.get("opc-request-id", request_id)
+    """An HTTP answer described (``headers`` as aiohttp gives them: case-insensitive; the
+    first of repeated ones counts). Whatever the server sent, every text of the answer is
+    one clean line of bounded length."""
+    rid = _one_line(headers.get("opc-request-id") or request_id, _MAX_CODE)
+    if not 200 <= status <= 599:  # 1xx as a final answer, 0, 600 and beyond: not HTTP
+        message = f"answered with status {status}, which is not a final HTTP status"
+        return Answer(status, BAD_STATUS, message, rid)
     if 200 <= status < 300:
         if not _json_object(payload):
-            kind = (headers.get("content-type") or "").strip()[:100] or "no content type"
+            kind = _one_line(headers.get("content-type") or "", _MAX_CODE) or "no content type"
             message = (
                 f"answered {status} with {kind}, not a JSON object: "
                 "not the API (a login page, or a proxy?)"
             )
             return Answer(status, NOT_THE_API, message, rid)
-        return Answer(status, request_id=rid, etag=headers.get("etag", ""))
+        return Answer(status, request_id=rid, etag=_one_line(headers.get("etag", ""), _MAX_ETAG))
     if 300 <= status < 400:
-        return Answer(status, REDIRECT, f"redirected to {_location(headers.get('location'))}", rid)
+        where = _one_line(_location(headers.get("location")))
+        return Answer(status, REDIRECT, f"redirected to {where}", rid)
     code, message = _error_body(payload)
+    code = _one_line(code, _MAX_CODE)
     retry_after = parse_retry_after(headers.get("retry-after"))
     if status in _UNIQUE_STATUSES:
         conflict = _unique_conflict(code, message, payload)
         if conflict is not None:
             return Answer(status, UNIQUE_CONFLICT, conflict, rid, retry_after=retry_after)
-    return Answer(status, code, message[:_MAX_MESSAGE], rid, retry_after=retry_after)
+    # a body without them (a proxy's page, nothing): the status names it, as OCI's codes do
+    phrase = _phrase(status)
+    code = code or "".join(phrase.replace("-", " ").split())
+    message = _one_line(message) or phrase
+    return Answer(status, code, message, rid, retry_after=retry_after)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a status with no name
+        return f"HTTP {status}"
+
+
+def _one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
+    """``text`` as one clean line for logs and the dead letter: runs of white space (line
+    breaks included) become one space, other unsafe characters go, and it is cut to
+    ``limit`` characters."""
+    text = text[: limit * 4]  # enough to fill the limit after cleaning, in most cases
+    kept = "".join(c for c in text if c.isspace() or unicodedata.category(c) not in _UNSAFE)
+    line = " ".join(kept.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _json_object(payload: bytes) -> bool:
@@ -370,8 +483,8 @@ def _unique_conflict(code: str, message: str, payload: bytes) -> str | None:
         if found is None:
             return None
     start = max(0, found.start() - 60)
-    excerpt = ("…" if start else "") + text[start:]
-    return ((f"{code}: " if code else "") + excerpt)[:_MAX_MESSAGE]
+    excerpt = ("…" if start else "") + text[start : start + _MAX_MESSAGE * 4]
+    return _one_line((f"{code}: " if code else "") + excerpt)
 
 
 def _connect_problem(exc: aiohttp.ClientConnectorError) -> str:
@@ -504,13 +617,48 @@ def _canonical(value: Any) -> str:
 
 
 def _error_body(payload: bytes) -> tuple[str, str]:
-    """The error's code and its whole message (callers shorten it)."""
+    """The error's code and message (callers make them one line), from whatever came: the
+    API's ``{"code", "message"}``, other JSON, a proxy's HTML page, text, or bytes."""
+    body = payload.strip(b" \t\r\n")
+    if not body:
+        return "", ""
     try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return "", payload[: _MAX_MESSAGE * 8].decode("utf-8", errors="replace")
+        doc = _loads(body)
+    except (ValueError, RecursionError):  # not JSON (or cut short, or nested too deep)
+        return "", _text_of(body)
+    if isinstance(doc, str):
+        return "", doc  # a bare JSON string: the message itself
     if not isinstance(doc, dict):
-        return "", str(doc)[:_MAX_MESSAGE]
+        kind = {list: "array", bool: "boolean", type(None): "null"}.get(type(doc), "number")
+        return "", f"a JSON {kind}, not an error object: {_text_of(body)}"
     code = doc.get("code") or doc.get("error_code") or ""
-    message = doc.get("message") or ""
-    return str(code), str(message)
+    message = doc.get("message")
+    if message is not None and message != "":
+        return _json_text(code), _json_text(message)
+    if len(doc) > (1 if code else 0):  # no message, but more than a code: show the object
+        return _json_text(code), _text_of(body)
+    return _json_text(code), ""
+
+
+def _json_text(value: Any) -> str:
+    """A JSON value as text: a string as it is, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, nested too deep
+        return type(value).__name__
+
+
+def _text_of(body: bytes) -> str:
+    """What a body that is not the API's error says: an HTML page's title (or its text),
+    other text as it is, or that it is not text at all."""
+    text = body[: _MAX_MESSAGE * 8].decode("utf-8", errors="replace")
+    if text.lstrip().startswith("<"):
+        title = _HTML_TITLE.search(text)
+        shown = title[1] if title else _HTML_TAG.sub(" ", text)
+        return "an HTML page: " + _one_line(html.unescape(shown))
+    readable = sum(1 for c in text if c != "\ufffd" and (c.isprintable() or c.isspace()))
+    if readable * 2 < len(text):
+        return f"a body that is not text ({len(body):,} bytes or more)"
+    return text

@@ -31,6 +31,8 @@ INPUT_FIELDS = ("dataset", "tags")
 DATASET_FIELDS = tuple(DATASET_LIMITS)
 TAG_FIELDS = ("key", "value")
 MAX_NESTING = 512  # arrays and objects inside one another; deeper lines are rejected
+KEY_SHOWN = 40  # characters of a key that a message shows; a longer one is cut
+FIELD_SHOWN = 120  # characters of a field's path that a message shows: its start and end
 
 _PLAIN_KEY = re.compile(r"[\w\-]+")
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -41,6 +43,8 @@ class Invalid(Exception):
     """Raised inside this module; becomes a Rejection."""
 
     def __init__(self, field: str, reason: str) -> None:
+        if len(field) > FIELD_SHOWN:  # a path hundreds of keys deep: where it starts and ends
+            field = field[:40] + "..." + field[43 - FIELD_SHOWN :]
         super().__init__(field, reason)
         self.field = field
         self.reason = reason
@@ -52,7 +56,13 @@ def parse_manifests(manifests: list[str]) -> Iterator[Record | Rejection]:
     for index, path in enumerate(manifests):
         name = display_name(path)
         for line in read_lines(path, index):
-            yield parse_line(line.raw, seq, f"{name}:{line.number}")
+            source = f"{name}:{line.number}"
+            if line.problem:  # over-long: never read whole
+                yield Rejection(
+                    seq=seq, source=source, raw=line.raw, field="(line)", reason=line.problem
+                )
+            else:
+                yield parse_line(line.raw, seq, source)
             seq += 1
 
 
@@ -183,7 +193,10 @@ def _not_unicode(surrogate: str) -> str:
 
 
 def _member(path: str, key: str) -> str:
-    """The path of member ``key`` of the object at ``path``: path.key, or path["key"]."""
+    """The path of member ``key`` of the object at ``path``: path.key, or path["key"], or
+    path["the key's start"...] for a long key (a message never echoes a huge key)."""
+    if len(key) > KEY_SHOWN:
+        return f"{path}[{json.dumps(key[:KEY_SHOWN])}...]"
     if _PLAIN_KEY.fullmatch(key):
         return f"{path}.{key}" if path else key
     return f"{path}[{json.dumps(key)}]"
@@ -252,8 +265,7 @@ def _op(doc: dict[str, Any]) -> Op:
     has_model = "model_json" in doc
     if "dataset_inputs" in doc and "datasets" in doc:
         raise Invalid("datasets", "give dataset_inputs or its synonym datasets, not both")
-    op = doc.get("op")
-    if op is None:
+    if "op" not in doc:
         if has_inputs and has_model:
             raise Invalid("op", "both dataset inputs and model_json: say which with op")
         if has_inputs:
@@ -261,6 +273,9 @@ def _op(doc: dict[str, Any]) -> Op:
         if has_model:
             return "log-model"
         raise Invalid("op", "missing, and neither dataset_inputs nor model_json is given")
+    op = doc["op"]
+    if not isinstance(op, str):  # null too: it is not an op left out
+        raise Invalid("op", f"expected a string, got {_kind(op)}")
     if op not in OPS:
         raise Invalid("op", f"{_short(op)} is not one of log-inputs, log-model")
     if op == "log-inputs" and has_model:
@@ -270,7 +285,7 @@ def _op(doc: dict[str, Any]) -> Op:
         raise Invalid(field, "not allowed in a log-model record")
     if op == "log-model" and not has_model:
         raise Invalid("model_json", "required")
-    return op  # type: ignore[no-any-return]
+    return op
 
 
 def _dataset_inputs(value: Any, name: str) -> list[dict[str, Any]]:

@@ -510,7 +510,7 @@ def test_a_corrupt_gzip_manifest_is_named_not_a_traceback(tmp_path: Path, oci: O
     manifest = tmp_path / "m.jsonl.gz"
     manifest.write_bytes(whole[: len(whole) // 2])
     out = run_cli(["validate", str(manifest)])
-    assert "Traceback" not in out.stderr and "truncated or corrupt gzip" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "truncated gzip" in out.stderr, out.stderr
 
 
 def test_an_edit_beyond_the_watermark_is_refused_before_any_request(

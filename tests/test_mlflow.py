@@ -224,3 +224,25 @@ def test_a_model_mlflow_always_refuses_is_dead_lettered_once_confirmed_absent(
     assert len(dead) == 1 and dead[0]["_error"]["status"] == 500
     assert "may have been applied" not in dead[0]["_error"]["message"]
     assert history(MlflowClient(mlflow_uri), runs[0]) == []
+
+
+def test_credentials_in_the_tracking_uri_reach_mlflow_and_are_never_kept(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    """`http://user:password@host` works as with MLflow's client (basic auth, the password
+    percent-decoded); the checkpoint, the messages and `status` name the server without it."""
+    runs = new_runs(mlflow_uri, 1)
+    manifest = write_manifest(tmp_path / "m.jsonl", [dataset(runs[0], 1), model(runs[0], 2)])
+    uri = mlflow_uri.replace("http://", "http://alice:pw-SECRET%2F1@")
+    out = run_cli(mlflow_args(uri, str(manifest), "-v"))
+    assert out.returncode == 0, out.stderr
+    checkpoint = tmp_path / "m.batchlog-checkpoint"
+    assert read_checkpoint(str(checkpoint))[0]["target"] == f"mlflow/{mlflow_uri}"
+    ok = run_cli(["verify", "--target", "mlflow", "--tracking-uri", uri, str(manifest)])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    shown = run_cli(["status", str(checkpoint)])
+    assert f"mlflow/{mlflow_uri}" in shown.stdout
+    for text in (out.stdout, out.stderr, ok.stdout, ok.stderr, shown.stdout, shown.stderr):
+        assert "SECRET" not in text and "alice" not in text
+    assert b"SECRET" not in checkpoint.read_bytes() and b"alice" not in checkpoint.read_bytes()
+    assert [m["artifact_path"] for m in history(MlflowClient(mlflow_uri), runs[0])] == ["model-2"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 
+import anyio
 import pytest
 
 from batchlog import ratecontrol
 from batchlog.ratecontrol import AdaptiveRate
+from batchlog.retry import MAX_RETRY_AFTER
 
 CAPACITY = 3200.0  # what the client could send anyway: 64 in flight, 20 ms latency
 
@@ -94,3 +97,30 @@ def test_never_exceeds_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
     ctl, log = simulate(monkeypatch, 20, ceiling=120)
     assert max(rate for rate, _, _ in log) <= 120
     assert ctl.rate == 120
+
+
+@pytest.mark.parametrize("retry_after", [100_000.0, 1e308, math.inf, math.nan, -5.0])
+def test_a_retry_after_holds_the_shared_pacer_no_longer_than_the_cap(
+    monkeypatch: pytest.MonkeyPatch, retry_after: float
+) -> None:
+    """One ``Retry-After: 100000`` held every request of the job for 28 hours; inf for ever."""
+    clock = Clock()
+    monkeypatch.setattr(ratecontrol.time, "monotonic", clock)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the clock moves instead
+        slept.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(ratecontrol.anyio, "sleep", sleep)
+    for gate in (AdaptiveRate(), ratecontrol.make_gate(50.0, adaptive=True)):
+        slept.clear()
+        gate.on_throttle(retry_after)
+
+        async def twice(gate: ratecontrol.RateGate = gate) -> None:
+            await gate.acquire()
+            await gate.acquire()
+
+        anyio.run(twice)
+        assert all(0.0 <= s <= MAX_RETRY_AFTER for s in slept), slept
+    assert AdaptiveRate().rate > 0  # and the controller still works

@@ -380,10 +380,10 @@ def test_a_signing_failure_was_never_sent() -> None:
     class Broken:
         refreshable = False
 
-        def current(self) -> tuple[str, rsa.RSAPrivateKey]:
+        def snapshot(self) -> Any:
             raise OSError("token endpoint unreachable")
 
-        def refresh(self) -> None:
+        def refresh(self, seen: int | None = None) -> None:
             return None
 
     target = OciTarget(f"http://127.0.0.1:{free_port()}", PLATFORM, WORKSPACE)
@@ -816,12 +816,14 @@ def test_which_404s_are_about_the_record() -> None:
     assert not oci.is_record_404(Answer(404, "RESOURCE_DOES_NOT_EXIST"))
 
 
-def test_credentials_in_a_tracking_uri_are_refused_without_echoing_them() -> None:
+def test_credentials_in_a_tracking_uri_are_taken_out_or_refused_without_echoing_them() -> None:
     from batchlog.errors import ConfigurationError
     from batchlog.target import check_endpoint, mlflow_target
 
+    target = mlflow_target("https://alice:s3cret-pw@mlflow.example")  # basic auth, as MLflow
+    assert "s3cret-pw" not in target.identity + repr(target)
     with pytest.raises(ConfigurationError) as err:
-        mlflow_target("https://alice:s3cret-pw@mlflow.example")
+        mlflow_target("http://alice:s3cret-pw@mlflow.example")
     assert "s3cret-pw" not in str(err.value)
     with pytest.raises(ConfigurationError) as err:
         check_endpoint("https://alice:s3cret-pw@datalake.example")

@@ -4,8 +4,10 @@ It verifies OCI request signatures, enforces the field limits, honours retry tok
 token and body: the first answer is replayed without applying again; same token, other
 body: 409), rate-limits with a token bucket (429), and injects faults on request: latency,
 500s before or after applying, connection resets after applying, one 429 per new token, a
-302 to every POST (an SSO proxy), 401 to everything while ``unauthorized`` is set; the
-expected ``key_id`` may change while it serves (a rotated session token).
+302 to every POST (an SSO proxy), 401 to everything while ``unauthorized`` is set, canned
+raw answers for chosen runs (``canned``: a proxy's HTML page, odd Retry-After values, bytes
+that are not text); the expected ``key_id`` may change while it serves (a rotated session
+token).
 Everything it applied is in ``state.effects`` and at ``GET /_emulator/applied``; the runs
 are read back MLflow-style with a signed ``GET .../runs/get?run_id=``.
 """
@@ -83,6 +85,9 @@ class EmulatorConfig:
     seed: int | None = None
     redirect_to: str | None = None  # answer every POST with a 302 to this Location
     unauthorized: bool = False  # answer 401 NotAuthenticated to everything while True
+    canned: dict[str, list[bytes]] = field(default_factory=dict)
+    # run id -> raw HTTP answers (``http_response``), the next one written as it is to each
+    # POST for that run, before anything is applied (then the connection is closed)
 
 
 @dataclass
@@ -183,6 +188,10 @@ class Emulator:
             st.headers_seen.append(dict(request.headers))
         if cfg.latency:
             await asyncio.sleep(cfg.latency)
+        canned = self._canned(body)
+        if canned is not None:
+            _write_raw(request, canned)
+            raise asyncio.CancelledError  # the answer is written: nothing more on it
         if cfg.redirect_to is not None:
             self.state.statuses[302] += 1
             return web.Response(status=302, headers={"Location": cfg.redirect_to})
@@ -324,6 +333,22 @@ class Emulator:
                 }
             )
 
+    def _canned(self, body: bytes) -> bytes | None:
+        """The next canned answer for the run this body names, if any is left."""
+        if not self.config.canned:
+            return None
+        try:
+            run_id = orjson.loads(body).get("run_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        answers = self.config.canned.get(run_id) if isinstance(run_id, str) else None
+        if not answers:
+            return None
+        answer = answers.pop(0)
+        status = re.match(rb"HTTP/1\.[01] (\d{3})", answer)
+        self.state.statuses[int(status[1]) if status else -1] += 1
+        return answer
+
     def _refuse(self, request: web.Request, body: bytes | None, rid: str) -> web.Response | None:
         """401 (switched on, or a signature that does not verify) or 429 (the bucket)."""
         if self.config.unauthorized:
@@ -414,6 +439,22 @@ def _reset(request: web.Request) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def http_response(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """A raw HTTP/1.1 answer for ``EmulatorConfig.canned``: any status, headers repeated or
+    odd (written as UTF-8), any body; the connection closes after it."""
+    lines = [f"HTTP/1.1 {status:03d} Canned"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines += [f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+
+
+def _write_raw(request: web.Request, answer: bytes) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.write(answer)
+        transport.close()  # after what is buffered is written
 
 
 def _check_body(op: str, doc: Any, enforce: bool) -> str:
