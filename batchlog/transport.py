@@ -22,6 +22,7 @@ import unicodedata
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any
@@ -191,6 +192,14 @@ def _sign(
     return headers(snapshot, *args), snapshot.generation
 
 
+@dataclass(frozen=True, slots=True)
+class RunRead:
+    """What reading a run back gave."""
+
+    run: dict[str, Any] | None  # the run; None: it does not exist, or see problem
+    problem: str = ""  # why the server could not be asked (no connection, 401, a page...)
+
+
 class Transport:
     """One aiohttp session and one signing pool for a job."""
 
@@ -320,9 +329,18 @@ class Transport:
         except aiohttp.ClientError as exc:  # e.g. a kept-alive connection reset: may have landed
             return Answer(NO_ANSWER, type(exc).__name__, _one_line(str(exc)), request_id)
 
+    @property
+    def target(self) -> Target:
+        return self._target
+
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run as runs/get returns it (``{"info", "data", "inputs"}``); None when it
-        cannot be read now (no connection, timeout, any answer but 200, not JSON).
+        cannot be read now (no connection, timeout, any answer but 200, not JSON)."""
+        return (await self.read_run(run_id)).run
+
+    async def read_run(self, run_id: str) -> RunRead:
+        """Read a run back with runs/get, telling a run the server says does not exist
+        (``RunRead(None)``) from one it could not be asked about (``problem`` says why).
 
         OCI: a GET signed over ``date (request-target) host``, with an opc-request-id.
         MLflow: with the target's Authorization header, if any.
@@ -330,25 +348,41 @@ class Transport:
         assert self._session is not None and self._signers is not None
         path_and_query = f"{self._target.path('get')}?run_id={quote(run_id, safe='')}"
         headers = {k: v for k, v in self._fixed_headers.items() if k != "content-type"}
+        request_id = ""
         if self._keys is not None:
-            headers["opc-request-id"] = self._ids.next()
+            request_id = headers["opc-request-id"] = self._ids.next()
             try:
                 signed, _ = await self._signers.run(
                     _sign, get_headers, self._keys, path_and_query, self._host
                 )
-            except Exception:
-                return None
+            except Exception as exc:
+                return RunRead(None, f"the request could not be signed ({type(exc).__name__})")
             headers.update(signed)
         url = URL(self._target.endpoint + path_and_query, encoded=True)
         try:
             async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    return None
-                doc = orjson.loads(await resp.read())
-        except (asyncio.TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
-            return None
+                status = resp.status
+                payload = await (resp.read() if status == 200 else _read_capped(resp))
+                answer = _answer(status, resp.headers, payload, request_id)
+        except aiohttp.ClientConnectorError as exc:
+            return RunRead(None, _connect_problem(exc))
+        except asyncio.TimeoutError:
+            return RunRead(None, "no answer within the timeout")
+        except aiohttp.ClientError as exc:
+            return RunRead(None, f"no answer ({type(exc).__name__})")
+        if status == 404 or answer.code == "RESOURCE_DOES_NOT_EXIST":
+            return RunRead(None)
+        if status != 200 or answer.code:
+            rid = f" (opc-request-id {answer.request_id})" if answer.request_id else ""
+            return RunRead(None, f"{status} {answer.code}: {answer.message}{rid}")
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            doc = None
         run = doc.get("run") if isinstance(doc, dict) else None
-        return run if isinstance(run, dict) else None
+        if not isinstance(run, dict):
+            return RunRead(None, "200 without a run in it: not the API")
+        return RunRead(run)
 
     async def is_applied(self, call: Call) -> bool | None:
         """Whether the call's effect is on the server, read back with runs/get: log-model,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from batchlog.errors import SystemicError
 from batchlog.manifest import check_readable
 from batchlog.records import Record
 from batchlog.target import MlflowTarget
@@ -25,6 +26,7 @@ from batchlog.transport import (
 from batchlog.validate import parse_manifests
 
 BATCH = 256  # records checked together (their runs are read concurrently)
+READ_PAUSES = (0.2, 1.0, 0.0)  # a run that cannot be read is tried again after these
 
 
 @dataclass
@@ -75,16 +77,29 @@ async def verify(
 async def _check(
     batch: list[Record], transport: Transport, report: VerifyReport, concurrency: int
 ) -> None:
+    endpoint = transport.target.endpoint
     runs: dict[str, dict[str, object] | None] = {}
     limiter = anyio.CapacityLimiter(concurrency)
 
     async def fetch(run_id: str) -> None:
         async with limiter:
-            runs[run_id] = await transport.get_run(run_id)
+            for pause in READ_PAUSES:
+                read = await transport.read_run(run_id)
+                if not read.problem:
+                    runs[run_id] = read.run
+                    return
+                await anyio.sleep(pause)
+        problems.append(f"{read.problem} (run {run_id})")
 
+    problems: list[str] = []
     async with anyio.create_task_group() as tg:
         for run_id in {r.run_id for r in batch}:
             tg.start_soon(fetch, run_id)
+    if problems:  # no proof either way: not "missing", the verification itself failed
+        raise SystemicError(
+            f"cannot read runs back from {endpoint}: {problems[0]}; nothing was verified "
+            "(exit 3): fix the cause and run verify again"
+        )
     for record in batch:
         report.records += 1
         problem = _missing(record, runs.get(record.run_id))
@@ -96,7 +111,7 @@ async def _check(
 
 def _missing(record: Record, run: dict[str, object] | None) -> str:
     if run is None:
-        return f"run {record.run_id} not found (or not readable)"
+        return f"run {record.run_id} not found"
     if record.op == "log-model":
         model = parse_model(record.model_json)
         ours = model_identity(model)
