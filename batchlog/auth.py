@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from batchlog.errors import ConfigurationError
+from batchlog.files import KIB, MIB, UnusableFile, read_capped
 from batchlog.signing import KeySnapshot, KeySource, StaticKey, header_safe
 
 log = logging.getLogger("batchlog")
@@ -36,6 +37,10 @@ _SHAPES = {  # what oci.config.PATTERNS checks, and how to say it
     "tenancy": (_OCID, "an OCID, ocid1.tenancy.oc1..."),
 }
 _SECTION = re.compile(r"\[(?P<header>.+)\]")  # configparser's SECTCRE
+_OPTION = re.compile(r"(?P<option>.*?)\s*[=:]")  # configparser's OPTCRE, as far as needed
+CONFIG_LIMIT = MIB  # an OCI config is a few hundred bytes
+KEY_LIMIT = 64 * KIB  # a 16384-bit PEM key is under 13 KiB
+TOKEN_LIMIT = 64 * KIB  # a session token is a few KiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +69,36 @@ def load_credentials(auth: str, config_file: str | None, profile: str | None) ->
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """Where a profile's options are in the file, as configparser reads it."""
+
+    lines: dict[str, int] = field(default_factory=dict)  # option -> its line
+    # an option on an indented line, which configparser reads as part of the value above:
+    # option -> (its line, the line of the option whose value it joined, that option)
+    indented: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    joined: dict[str, int] = field(default_factory=dict)  # option -> first line joined to it
+
+
+@dataclass(frozen=True)
 class _Profile:
     """One profile of an OCI config file, and the line each of its options is on."""
 
     file: str  # as the user named it
     name: str
     values: dict[str, str] = field(repr=False)  # holds pass_phrase
-    lines: dict[str, int]
+    layout: _Layout
 
     def at(self, option: str) -> str:
-        number = self.lines.get(option)
+        number = self.layout.lines.get(option)
         return f"line {number}: " if number else ""
+
+    def joined(self, option: str) -> str:
+        """Why the value of ``option`` is not what the file seems to say, if an indented
+        line was read as part of it ("" if none was)."""
+        number = self.layout.joined.get(option)
+        if number is None:
+            return ""
+        return _indented(number, self.layout.lines.get(option, number - 1), option)
 
     def error(self, reason: str) -> ConfigurationError:
         return ConfigurationError(f"OCI config {self.file} [{self.name}]: {reason}")
@@ -82,8 +106,17 @@ class _Profile:
     def require(self, option: str, hint: str = "") -> str:
         value = self.values.get(option)
         if not value:
+            if option in self.layout.indented:
+                hint = _indented(*self.layout.indented[option])
             raise self.error(f"{option} is missing{hint}")
         return value
+
+
+def _indented(line: int, joined: int, option: str) -> str:
+    return (
+        f": line {line} is indented, so it is read as part of line {joined} ({option}): "
+        "remove the indentation"
+    )
 
 
 def _from_config(auth: str, config_file: str, profile_name: str) -> Credentials:
@@ -96,6 +129,7 @@ def _from_config(auth: str, config_file: str, profile_name: str) -> Credentials:
             if not shape.match(value):
                 raise profile.error(
                     f"{profile.at(option)}{option} is malformed (expected {expected})"
+                    + profile.joined(option)
                 )
             ids.append(value)
         user, fingerprint, tenancy = ids
@@ -118,12 +152,11 @@ def _read_profile(config_file: str, name: str) -> _Profile:
         )
     if os.path.isdir(path):
         raise ConfigurationError(f"OCI config {config_file}: is a directory: give the file")
-    failed = f"OCI config {config_file} [{name}]: cannot be read"
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ConfigurationError(f"{failed} ({exc.strerror or type(exc).__name__})") from None
+        data = read_capped(path, CONFIG_LIMIT, "an OCI config")
+    except UnusableFile as exc:
+        raise ConfigurationError(f"OCI config {config_file} [{name}]: {exc}") from None
+    failed = f"OCI config {config_file} [{name}]: cannot be read"
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -138,7 +171,7 @@ def _read_profile(config_file: str, name: str) -> _Profile:
         raise ConfigurationError(
             f"profile {name!r} not found in {config_file}: set --profile or OCI_CLI_PROFILE"
         )
-    profile = _Profile(config_file, name, dict(parser[name]), _option_lines(text, name))
+    profile = _Profile(config_file, name, dict(parser[name]), _layout(text, name))
     if "key_content" in profile.values:  # as the oci package: a key belongs in its own file
         raise profile.error(
             f"{profile.at('key_content')}key_content cannot be given in a config file: "
@@ -147,21 +180,43 @@ def _read_profile(config_file: str, name: str) -> _Profile:
     return profile
 
 
-def _option_lines(text: str, profile: str) -> dict[str, int]:
-    """The line each option of ``profile`` is on: its own section's, else [DEFAULT]'s."""
-    found: dict[str, dict[str, int]] = {}
-    section: str | None = None
+def _layout(text: str, profile: str) -> _Layout:
+    """Where the options of ``profile`` are: its own section's, else [DEFAULT]'s. Lines are
+    told apart as configparser does (with its defaults): an indented line below an option
+    continues that option's value, whatever it looks like."""
+    sections: dict[str, _Layout] = {}
+    here: _Layout | None = None
+    option: str | None = None  # the option whose value an indented line would continue
+    option_line = indent = 0
     for number, line in enumerate(text.split("\n"), 1):  # numbered as configparser does
         stripped = line.strip()
-        if not stripped or stripped[0] in "#;" or line[0].isspace():
-            continue  # blank, a comment, or a continuation of the option above
+        if not stripped or stripped[0] in "#;":
+            continue  # blank or a comment: an indented line after it still continues
+        level = len(line) - len(line.lstrip())
+        if here is not None and option is not None and level > indent:
+            here.joined.setdefault(option, number)
+            looks = _OPTION.match(stripped)
+            if looks:
+                name = looks.group("option").strip().lower()
+                here.indented.setdefault(name, (number, option_line, option))
+            continue
+        indent = level
         header = _SECTION.match(stripped)
         if header:
-            section = header.group("header")
-        elif section is not None:
-            option = re.split("[=:]", stripped, maxsplit=1)[0].strip().lower()
-            found.setdefault(section, {}).setdefault(option, number)
-    return {**found.get("DEFAULT", {}), **found.get(profile, {})}
+            here = sections.setdefault(header.group("header"), _Layout())
+            option = None
+        elif here is not None:
+            looks = _OPTION.match(stripped)
+            if looks:
+                option = looks.group("option").strip().lower()
+                option_line = number
+                here.lines.setdefault(option, number)
+    base, own = sections.get("DEFAULT", _Layout()), sections.get(profile, _Layout())
+    return _Layout(
+        {**base.lines, **own.lines},
+        {**base.indented, **own.indented},
+        {**base.joined, **own.joined},
+    )
 
 
 def _load_key(profile: _Profile) -> RSAPrivateKey:
@@ -170,16 +225,12 @@ def _load_key(profile: _Profile) -> RSAPrivateKey:
     at = profile.at("key_file")
     path = os.path.expanduser(key_file)
     if not os.path.exists(path):  # the value is named only once it is known to be a path
-        raise profile.error(f"{at}key_file: no such file")
-    if os.path.isdir(path):
-        raise profile.error(f"{at}key_file {key_file} is a directory")
-    _warn_if_open(path)
+        raise profile.error(f"{at}key_file: no such file{profile.joined('key_file')}")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise profile.error(f"{at}key_file {key_file} cannot be read ({reason})") from None
+        data = read_capped(path, KEY_LIMIT, "a key")
+    except UnusableFile as exc:
+        raise profile.error(f"{at}key_file {key_file} {exc}") from None
+    _warn_if_open(path)
     pass_phrase = profile.values.get("pass_phrase") or None
     password = pass_phrase.encode() if pass_phrase else None
     try:
@@ -213,13 +264,15 @@ def _first_token(profile: _Profile, token_file: str) -> str:
     if not os.path.exists(path):
         raise profile.error(
             f"{at}security_token_file: no such file (run 'oci session authenticate')"
+            + profile.joined("security_token_file")
         )
     try:
         token = _read_token(path)
-    except (OSError, UnicodeError) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
+    except UnusableFile as exc:
+        raise profile.error(f"{at}the security token file {token_file} {exc}") from None
+    except UnicodeError:
         raise profile.error(
-            f"{at}the security token file {token_file} cannot be read ({reason})"
+            f"{at}the security token file {token_file} is not UTF-8 text: it is not a token"
         ) from None
     problem = _token_problem(token)
     if problem:
@@ -263,8 +316,7 @@ def _ranges(numbers: list[int]) -> str:
 
 
 def _read_token(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+    return read_capped(path, TOKEN_LIMIT, "a token").decode("utf-8").strip()
 
 
 def _token_problem(token: str) -> str:
@@ -320,8 +372,10 @@ class SessionTokenKeys:
     def _read_again(self) -> str:
         try:
             token = _read_token(self._token_file)
-        except (OSError, UnicodeError) as exc:
-            problem = f"cannot be read ({type(exc).__name__})"
+        except UnusableFile as exc:
+            problem = str(exc)
+        except UnicodeError:
+            problem = "is not UTF-8 text"
         else:
             problem = _token_problem(token)
         if problem:

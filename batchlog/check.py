@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from batchlog.journal import line_hash, read_checkpoint, record_key
+from batchlog.errors import CheckpointError, ConfigurationError
+from batchlog.files import MIB, UnusableFile, check_regular
+from batchlog.journal import ResumePoint, line_hash, read_checkpoint, record_key
 from batchlog.manifest import STDIN, check_readable, read_lines
 from batchlog.plan import Grouper, GroupLimits
 from batchlog.records import Rejection
@@ -61,14 +64,15 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     """Read the checkpoint's header and tail, then stream the manifests once (runs, pending).
 
     A run counts as done only when every record of it finished and none is in the dead
-    letter (the one the checkpoint names, unless ``dead_letter`` is given).
+    letter (the one the checkpoint names, unless ``dead_letter`` is given). Read only: the
+    checkpoint is never changed. A file that is no checkpoint is a ConfigurationError.
     """
-    header, point = read_checkpoint(path, repair=False)
+    header, point = _read_only(path)
     # shown without credentials: earlier versions kept a tracking URI's user:password@
     target = without_userinfo(str(header.get("target", "")))
     manifests = [str(m) for m in header.get("manifests", [])]
     c = point.counts
-    if any(m == STDIN for m in manifests) or not all(_exists(m) for m in manifests):
+    if any(m == STDIN for m in manifests) or not all(_readable_again(m) for m in manifests):
         return Status(
             target,
             manifests,
@@ -83,7 +87,8 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
             point.last_write,
             False,
         )
-    dead_letter = dead_letter or header.get("dead_letter") or None
+    named = header.get("dead_letter")
+    dead_letter = dead_letter or (named if isinstance(named, str) else None)
     failed_runs = _dead_letter_runs(dead_letter) if dead_letter else set()
     runs: set[str] = set()
     pending_runs: set[str] = set()
@@ -122,11 +127,38 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     )
 
 
-def _exists(path: str) -> bool:
+_HEADER_LIMIT = 8 * MIB  # a checkpoint's first line is far shorter
+
+
+def _read_only(path: str) -> tuple[dict[str, Any], ResumePoint]:
+    """The checkpoint's header and state, or a ConfigurationError naming what ``path`` is
+    instead (a directory, a FIFO, a foreign file), without changing it."""
     try:
+        size = check_regular(path).st_size  # a FIFO would wait for a writer forever
+        with open(path, "rb") as f:
+            head = f.read(_HEADER_LIMIT)
+    except UnusableFile as exc:
+        raise ConfigurationError(f"checkpoint {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigurationError(f"checkpoint {path}: cannot be read ({exc.strerror})") from None
+    if size > _HEADER_LIMIT and b"\n" not in head:  # one huge line: never read whole
+        raise ConfigurationError(f"{path} is not a batchlog checkpoint")
+    try:
+        return read_checkpoint(path, repair=False)
+    except CheckpointError as exc:  # not a checkpoint this version reads: a usage error
+        raise ConfigurationError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigurationError(f"checkpoint {path}: cannot be read ({exc.strerror})") from None
+
+
+def _readable_again(path: str) -> bool:
+    """Whether a manifest can be read again: a regular file (a FIFO would wait for a writer,
+    a device might never end)."""
+    try:
+        check_regular(path)
         with open(path, "rb"):
             return True
-    except OSError:
+    except (UnusableFile, OSError):
         return False
 
 
@@ -142,11 +174,12 @@ def _run_id(raw: bytes) -> str | None:
 def _dead_letter_runs(path: str) -> set[str]:
     runs: set[str] = set()
     try:
+        check_regular(path)  # read only if it is a file: not a FIFO, a device
         with open(path, "rb") as f:
             for raw in f:
                 run = _run_id(raw)
                 if run is not None:
                     runs.add(run)
-    except OSError:
+    except (UnusableFile, OSError):
         pass
     return runs

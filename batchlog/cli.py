@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import anyio
@@ -26,6 +26,7 @@ from batchlog.errors import (
     internal_error,
     redact,
 )
+from batchlog.files import MIB, UnusableFile, read_capped
 from batchlog.job import Job
 from batchlog.plan import GroupLimits
 from batchlog.records import Rejection
@@ -40,6 +41,13 @@ from batchlog.report import (
 )
 from batchlog.retry import RetryPolicy
 from batchlog.settings import (
+    CONCURRENCY,
+    GRACE,
+    MAX_ATTEMPTS,
+    MAX_DATASETS,
+    RATE,
+    TIMEOUT,
+    Bounds,
     Settings,
     check_output_paths,
     default_checkpoint,
@@ -68,18 +76,20 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigurationError(message)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
+def _in(bounds: Bounds) -> Callable[[str], float]:
+    """The argparse type of a number flag: ``bounds``, or exit 2 naming the flag and them."""
 
+    def parse(text: str) -> float:
+        glimpse = text if len(text) <= 24 else text[:20] + "..."  # 5000 digits: a glimpse
+        try:
+            value: float = int(text) if bounds.whole else float(text)
+        except ValueError:
+            value = math.nan
+        if value not in bounds:
+            raise argparse.ArgumentTypeError(f"{glimpse!r} is not {bounds}")
+        return value
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,27 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--profile", help="OCI config profile (default OCI_CLI_PROFILE or DEFAULT)")
     r = up.add_argument_group("pace")
     r.add_argument(
-        "--concurrency", type=_positive_int, default=32, help="requests in flight at most (32)"
+        "--concurrency",
+        type=_in(CONCURRENCY),
+        default=32,
+        help=f"requests in flight at most (32; {CONCURRENCY.span})",
     )
     r.add_argument(
         "--rate",
-        type=_positive_float,
-        help="requests per second at most; without it the rate adapts to the server",
+        type=_in(RATE),
+        help=f"requests per second at most; without it the rate adapts to the server ({RATE.span})",
     )
     r.add_argument(
         "--no-adaptive",
         action="store_true",
         help="do not adapt the rate: send at --rate (or unlimited)",
     )
-    r.add_argument("--max-attempts", type=_positive_int, default=8)
     r.add_argument(
-        "--timeout", type=_positive_float, default=60.0, help="seconds for one attempt (60)"
+        "--max-attempts",
+        type=_in(MAX_ATTEMPTS),
+        default=8,
+        help=f"attempts per request (8; {MAX_ATTEMPTS.span})",
+    )
+    r.add_argument(
+        "--timeout",
+        type=_in(TIMEOUT),
+        default=60.0,
+        help=f"seconds for one attempt (60; {TIMEOUT.span})",
     )
     r.add_argument(
         "--max-datasets-per-request",
-        type=_positive_int,
+        type=_in(MAX_DATASETS),
         default=100,
-        help="merge consecutive log-inputs of a run up to this many datasets (100)",
+        help=f"merge consecutive log-inputs of a run up to this many datasets (100; "
+        f"{MAX_DATASETS.span})",
     )
     f = up.add_argument_group("files")
     f.add_argument(
@@ -154,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report", help="write the final report as JSON to this file")
     f.add_argument(
         "--grace",
-        type=_positive_float,
+        type=_in(GRACE),
         default=10.0,
-        help="seconds in-flight requests get on SIGINT/SIGTERM (10)",
+        help=f"seconds in-flight requests get on SIGINT/SIGTERM (10; {GRACE.span})",
     )
     up.add_argument(
         "--emulate",
@@ -170,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vf.add_argument("manifests", nargs="+", metavar="MANIFEST")
     _target_flags(vf)
-    vf.add_argument("--concurrency", type=_positive_int, default=16)
+    vf.add_argument(
+        "--concurrency",
+        type=_in(CONCURRENCY),
+        default=16,
+        help=f"runs read at once at most (16; {CONCURRENCY.span})",
+    )
 
     v = sub.add_parser("validate", parents=[common], help="check manifests, no network")
     v.add_argument("manifests", nargs="+", metavar="MANIFEST")
@@ -182,21 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dead-letter", help="dead-letter file, to count failed runs")
 
     e = sub.add_parser("emulator", parents=[common], help="serve the emulator on loopback")
-    e.add_argument("--port", type=int, default=8080)
+    port, chance = Bounds(0, 65_535, whole=True), Bounds(0, 1)
+    e.add_argument(
+        "--port",
+        type=_in(port),
+        default=8080,
+        help=f"loopback port (8080; {port.span}, 0: any free)",
+    )
     e.add_argument("--public-key", help="PEM public key: verify signatures (default: accept)")
     e.add_argument("--known-runs", help="file with one run id a line (others: 404)")
-    e.add_argument("--rate-limit", type=_positive_float, help="requests per second (429 above)")
-    e.add_argument("--latency-ms", type=float, default=0.0)
-    e.add_argument("--fail-before", type=float, default=0.0, help="chance of 500 before apply")
-    e.add_argument("--fail-after", type=float, default=0.0, help="chance of 500 after apply")
     e.add_argument(
-        "--reset-after", type=float, default=0.0, help="chance of a connection reset after apply"
+        "--rate-limit", type=_in(RATE), help=f"requests per second (429 above; {RATE.span})"
     )
+    latency = Bounds(0, 600_000)
     e.add_argument(
-        "--throttle-once", type=float, default=0.0, help="chance a new retry token gets one 429"
+        "--latency-ms",
+        type=_in(latency),
+        default=0.0,
+        help=f"milliseconds added to every answer ({latency.span})",
     )
+    for flag, what in (
+        ("--fail-before", "chance of 500 before apply"),
+        ("--fail-after", "chance of 500 after apply"),
+        ("--reset-after", "chance of a connection reset after apply"),
+        ("--throttle-once", "chance a new retry token gets one 429"),
+    ):
+        e.add_argument(flag, type=_in(chance), default=0.0, help=f"{what} ({chance.span})")
     e.add_argument("--no-effects", action="store_true", help="count applies, keep no list")
-    e.add_argument("--seed", type=int)
+    seed = Bounds(0, 2**32 - 1, whole=True)
+    e.add_argument("--seed", type=_in(seed), help=f"for the chances above ({seed.span})")
     return p
 
 
@@ -465,8 +506,6 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
-    if not os.path.isfile(args.checkpoint):
-        raise ConfigurationError(f"checkpoint {args.checkpoint}: no such file")
     st = checkpoint_status(args.checkpoint, args.dead_letter)
     lines = [
         f"target     {st.target}",
@@ -573,10 +612,9 @@ class _RedactingFormatter(logging.Formatter):
 def _read_input(flag: str, path: str) -> bytes:
     """The bytes of a file a flag names; a ConfigurationError naming the flag if unreadable."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ConfigurationError(f"{flag} {path}: {exc.strerror or exc}") from None
+        return read_capped(path, 16 * MIB, "a list or a key")
+    except UnusableFile as exc:
+        raise ConfigurationError(f"{flag} {path}: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -83,7 +83,7 @@ class DeadLetter:
                 os.replace(path, aside)
                 log.warning("an earlier dead letter was kept as %s (this job starts afresh)", aside)
             created = not os.path.exists(path)
-            self._file = open(path, "ab")
+            self._file = open(path, "ab", buffering=0)
             self.size = self._file.seek(0, os.SEEK_END)  # bytes written, in the file
             if created or set_aside:
                 durable.sync_directory(parent)  # the file's name survives a power cut
@@ -125,7 +125,7 @@ class DeadLetter:
             durable.append(self._file, data)
             self.size += len(data)
         except OSError as exc:
-            self.size = self._file.seek(0, os.SEEK_END)
+            self.size = os.fstat(self._file.fileno()).st_size  # a part may have been written
             raise DeadLetterError(
                 f"cannot write dead-letter file {self.path}: {exc.strerror or exc}; "
                 "nothing journaled was lost, run the same command again once fixed"

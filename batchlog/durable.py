@@ -7,11 +7,17 @@ from typing import BinaryIO
 
 
 def append(handle: BinaryIO, data: bytes) -> None:
-    """Write, flush and fsync (blocking: call from a thread). Raises OSError."""
-    if not data:
-        return
-    handle.write(data)
-    handle.flush()
+    """Write all of ``data`` and fsync (blocking: call from a thread). Raises OSError.
+
+    ``handle`` is unbuffered (``open(path, "ab", buffering=0)``): a write cut short by a
+    full disk leaves nothing behind in a buffer to be written later, after other lines.
+    """
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        if not written:  # a raw file writes at least one byte or raises
+            raise OSError(f"nothing written of {len(view)} bytes")
+        view = view[written:]
     os.fsync(handle.fileno())
 
 

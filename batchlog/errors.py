@@ -63,7 +63,7 @@ BUG_ADVICE = (
 # tokens), and any long unbroken run of base64 (keys, signatures, tokens).
 _SECRET_SHAPES = re.compile(
     r"(?i:bearer|basic|signature)\s+[^\n]*"
-    r"|(?<=://)[^/\s@:]*:[^/\s@]*(?=@)"
+    r"|(?<=://)[^\s@]*(?=@)"
     r"|-----BEGIN[^-]*-----.*?(?:-----END[^-]*-----|$)"
     r"|(?i:pass_?phrase|password|passwd)(?:\s*[=:]\s*|\s+)[^\s,;]+"
     r"|(?i:token|secret|key_content)\s*[=:]\s*[^\s,;]+"

@@ -22,7 +22,7 @@ import os
 import random
 import select
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,7 +131,9 @@ class Job:
         self._tg: anyio.abc.TaskGroup | None = None  # producer and workers
         self._outer: anyio.abc.TaskGroup | None = None  # flush, progress, timers
         self._producer_scope: anyio.CancelScope | None = None
+        self._idle_scopes: set[anyio.CancelScope] = set()  # waits holding no request
         self._flush_lock = anyio.Lock()
+        self._write_failed = False  # a flush failed: the checkpoint takes no more writes
         self._flushed = anyio.Event()  # set when what was journaled before it is on disk
         self._point: ResumePoint | None = None  # where the checkpoint says the job stands
 
@@ -149,6 +151,8 @@ class Job:
             self._stop_message = "interrupted"
         if self._producer_scope is not None:
             self._producer_scope.cancel()
+        for scope in list(self._idle_scopes):  # nothing in flight there: no grace to give
+            scope.cancel()
         outer = self._outer
         if outer is not None:
             try:
@@ -263,12 +267,11 @@ class Job:
                         "--checkpoint for a new job"
                     ) from None
             self._readers = readers
-            fresh = point.finished == 0 and not point.doubt
-            self._dead = DeadLetter(self.dead_letter_path, set_aside=fresh)
-            if not fresh and point.dead_letter_size is not None:
+            self._dead = DeadLetter(self.dead_letter_path, set_aside=point.created)
+            if not point.created:
                 # lines beyond what the journal accounts for were written just before a
-                # crash: their records are processed again and written again
-                self._dead.cut_to(point.dead_letter_size)
+                # crash or a full disk: their records are processed and written again
+                self._dead.cut_to(point.dead_letter_size or 0)
         except BaseException:
             journal.close()
             for reader in self._readers:
@@ -468,9 +471,24 @@ class Job:
         return self._reads_back and call.op == "log-model"
 
     async def _process_when_ready(self, call: Call, tries: _Tries) -> None:
-        await anyio.sleep(max(0.0, tries.ready_at - time.time()))
+        with self._idle():
+            await anyio.sleep(max(0.0, tries.ready_at - time.time()))
         if not self._draining:
             await self._process(call, tries)
+
+    @contextlib.contextmanager
+    def _idle(self) -> Iterator[None]:
+        """A wait that holds no request (a back-off, the rate gate): a stop request ends it
+        at once, and the call is left unfinished, to be resumed as it is (same retry token;
+        on MLflow a log-model journaled as sent is read back first), as a cancel leaves it."""
+        with anyio.CancelScope() as scope:
+            if self._draining:
+                scope.cancel()
+            self._idle_scopes.add(scope)
+            try:
+                yield
+            finally:
+                self._idle_scopes.discard(scope)
 
     async def _process(self, call: Call, tries: _Tries) -> None:
         s, c, policy = self.settings, self.counters, self.settings.retry
@@ -478,7 +496,10 @@ class Job:
         assert self._journal is not None and transport is not None
         while True:
             tries.attempts += 1
-            await self._gate.acquire()
+            with self._idle():
+                await self._gate.acquire()
+            if self._draining:
+                return  # not sent: left unfinished
             c.rate = self._gate.rate
             answer = await self._read_back(call, tries, transport)
             if answer is None:  # not applied yet: send it
@@ -519,11 +540,16 @@ class Job:
                 c.waiting_on_retry_after(delay if answer.retry_after is not None else None)
                 if tries.read_back:
                     delay = max(delay, tries.ready_at - time.time())
-                await anyio.sleep(delay)
+                with self._idle():
+                    await anyio.sleep(delay)
                 if self._draining:
                     return
                 continue
             if verdict == "retry" and tries.read_back:  # out of attempts, maybe applied
+                with self._idle():  # until the last attempt can no longer land
+                    await anyio.sleep(max(0.0, tries.ready_at - time.time()))
+                if self._draining:
+                    return  # left in doubt: read back on resume
                 answer = await self._confirm(call, tries, transport, answer)
                 if answer.status == 200:
                     self._succeed(call, answer)
@@ -558,9 +584,8 @@ class Job:
     async def _confirm(
         self, call: Call, tries: _Tries, transport: Transport, last: Answer
     ) -> Answer:
-        """Out of attempts and maybe applied: read back once the last attempt can no longer
-        land. Applied: a success; not there: the last answer, as a plain failure."""
-        await anyio.sleep(max(0.0, tries.ready_at - time.time()))
+        """Out of attempts and maybe applied, and the last attempt can no longer land: read
+        back. Applied: a success; not there: the last answer, as a plain failure."""
         answer = await self._read_back(call, tries, transport)
         if answer is None:  # confirmed not applied: read_back and maybe_applied now False
             return last
@@ -739,6 +764,8 @@ class Job:
     async def _flush(self) -> None:
         assert self._journal is not None and self._dead is not None
         async with self._flush_lock:
+            if self._write_failed:  # what is on disk stays as the last commit left it
+                return
             written, self._flushed = self._flushed, anyio.Event()
             dead_data = self._dead.pending_bytes()
             journal_data = self._journal.pending_bytes(self._dead.size + len(dead_data))
@@ -747,6 +774,9 @@ class Job:
                     _write_both, self._dead, dead_data, self._journal, journal_data
                 )
             except BatchlogError as exc:
+                # a group cut short: resume goes back to the last commit, so nothing more
+                # is written in this run (later groups would build on the lost one)
+                self._write_failed = True
                 self._fail_job("failed", str(exc))
                 return  # waiters stay blocked: nothing is sent that was not journaled
             written.set()

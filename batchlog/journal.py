@@ -140,6 +140,7 @@ class ResumePoint:
     last_write: float | None = None  # when the checkpoint was last written
     damaged: int = 0  # damaged lines skipped while reading
     dead_letter_size: int | None = None  # bytes of the dead letter the journal accounts for
+    created: bool = False  # the checkpoint was created now: a new job, or --restart
 
     @property
     def finished(self) -> int:
@@ -414,15 +415,16 @@ def _open(path: str, header: dict[str, Any], restart: bool) -> tuple[Journal, Re
         raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from None
     _check_same_job(path, existing, header, point)
     try:
-        handle = open(path, "ab")
+        handle = open(path, "ab", buffering=0)
     except OSError as exc:
         raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from None
     return Journal(path, handle, point, tail), point
 
 
 def _create(path: str, header: dict[str, Any]) -> tuple[Journal, ResumePoint]:
-    point = ResumePoint(marks=[Boundary() for _ in header["manifests"]])
+    point = ResumePoint(marks=[Boundary() for _ in header["manifests"]], created=True)
     point.manifests = list(header["manifests"])
+    point.dead_letter_size = 0  # the job's dead letter holds nothing of it yet
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = path + ".tmp"
@@ -432,7 +434,7 @@ def _create(path: str, header: dict[str, Any]) -> tuple[Journal, ResumePoint]:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     durable.sync_directory(parent)  # the new file's name survives a power cut too
-    return Journal(path, open(path, "ab"), point, 0), point
+    return Journal(path, open(path, "ab", buffering=0), point, 0), point
 
 
 def _check_same_job(
@@ -480,34 +482,47 @@ def _read(path: str, repair: bool) -> tuple[dict[str, Any], ResumePoint, int]:
     point = ResumePoint(marks=[Boundary() for _ in header.get("manifests", [])])
     point.manifests = list(header.get("manifests", []))
     point.last_write = os.path.getmtime(path)
-    good_end = start  # just past the last intact line
+    # A flush writes a group of lines closed by a commit line (or a snapshot, which restates
+    # everything): a group counts only once closed. Lines after the last close were cut
+    # short by a crash or a full disk; nothing was sent on their account (a call waits for
+    # its flush), and the dead letter is cut back to the size the last commit names.
+    good_end = start  # just past the last line that closes a group
     pos = start
-    damaged: list[int] = []  # offsets of damaged lines with intact lines after them
-    pending_bad: list[int] = []
+    damaged = 0  # damaged lines inside closed groups (skipped)
+    group: list[dict[str, Any]] = []
+    bad_in_group = 0
     for piece in data.split(b"\n")[:-1]:
         line = piece + b"\n"
         doc = unseal(line)
-        if isinstance(doc, dict):
-            damaged += pending_bad
-            pending_bad = []
-            point.apply(doc)
-            good_end = pos + len(line)
-        else:
-            pending_bad.append(pos)
         pos += len(line)
-    point.damaged = len(damaged)
+        if not isinstance(doc, dict):
+            bad_in_group += 1
+            continue
+        group.append(doc)
+        if "commit" in doc or "snap" in doc:
+            for entry in group:
+                point.apply(entry)
+            damaged += bad_in_group
+            group, bad_in_group = [], 0
+            good_end = pos
+    point.damaged = damaged
     if damaged:
         log.warning(
             "checkpoint %s: skipped %d damaged line(s) (a disk fault?); the records they "
             "spoke for are checked again",
             path,
-            len(damaged),
+            damaged,
         )
     if good_end < size:
         log.warning(
-            "checkpoint %s: cut off a torn or damaged tail of %d bytes (a crash while writing)",
+            "checkpoint %s: %s an unfinished or damaged tail of %d bytes (a crash or a full "
+            "disk while writing); %s",
             path,
+            "cut off" if repair else "has",
             size - good_end,
+            "the records it spoke for are processed again"
+            if repair
+            else "the next run cuts it off and processes its records again",
         )
         if repair:
             with open(path, "r+b") as f:

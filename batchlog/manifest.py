@@ -28,6 +28,7 @@ KEPT = 1024  # bytes of an over-long line kept (the dead letter's _raw)
 _CHUNK = 1 << 16
 _PREFIX_CHUNK = 1 << 20
 _GZIP = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which may start a line
 _OTHER_FORMATS = {  # magic bytes of files people compress manifests with, that we do not read
     b"BZh": "bzip2",
     b"\xfd7zXZ\x00": "xz",
@@ -83,6 +84,22 @@ def _check_file(path: str) -> None:
     except OSError as exc:
         raise ConfigurationError(f"manifest {path}: {_reason(exc)}") from None
     _check_format(path, head)
+    if head.startswith(_GZIP):
+        _check_inside(path)
+
+
+def _check_inside(path: str) -> None:
+    """Raise ManifestUnreadable if a gzip manifest holds gzip again (its first bytes are
+    read: cheap); a damaged one is told with its line when it is read."""
+    source: _Input | None = None
+    try:
+        source = _Input(path)
+        source.read(True)
+    except (OSError, zlib.error, _Truncated):
+        pass
+    finally:
+        if source is not None:
+            source.close()
 
 
 def is_gzip(path: str) -> bool:
@@ -200,6 +217,7 @@ class _Input:
         self._head = b""  # bytes read before the format is known
         self._known = offset > 0  # a reopened plain file: seeked past the format check
         self._gz: _Gunzip | None = None
+        self._inflated = False  # the start of the decompressed stream was checked
         self._ended = False
         if offset:
             os.lseek(self._fd, offset, os.SEEK_SET)
@@ -230,6 +248,9 @@ class _Input:
             if self._gz is not None:
                 out = self._gz.inflate()
                 if out:
+                    if not self._inflated:
+                        self._inflated = True
+                        self._check_inflated(out)
                     return out
                 if self._ended:
                     self._gz.finish()
@@ -263,6 +284,11 @@ class _Input:
             self._head = b""
         else:
             _check_format(STDIN if self._file is None else self._file.name, self._head)
+
+    def _check_inflated(self, head: bytes) -> None:
+        if head.startswith(_GZIP):  # gzip -c run twice: its lines would all be "not UTF-8"
+            name = display_name(STDIN if self._file is None else self._file.name)
+            raise ManifestUnreadable(f"manifest {name}: gzip inside gzip: decompress it once first")
 
     def close(self) -> None:
         if self._file is not None:
@@ -322,7 +348,7 @@ class _Lines:
 def _complete(chunk: bytes) -> bool:
     """Whether an unterminated last line is a whole JSON document (not half written)."""
     try:
-        orjson.loads(chunk)
+        orjson.loads(chunk.removeprefix(_BOM))  # read past as the validator does
     except orjson.JSONDecodeError:
         return False
     return True

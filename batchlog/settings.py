@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -12,6 +13,46 @@ from batchlog.retry import RetryPolicy
 from batchlog.signing import KeySource
 from batchlog.target import Target
 from batchlog.transport import tls_context
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The values a number setting accepts (the CLI's flags take the same): beyond them a
+    job would stall, crash deep inside a library, or be a typo (``--rate 1e-300``)."""
+
+    low: float
+    high: float
+    whole: bool = False  # whole numbers only
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.whole else (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):  # nan compares false anyway
+            return False
+        return self.low <= value <= self.high  # exact for any int, however large
+
+    @property
+    def span(self) -> str:
+        """The range, as --help shows it: "1 to 4096"."""
+        return f"{_shown(self.low)} to {_shown(self.high)}"
+
+    def __str__(self) -> str:
+        """What is expected, e.g. "a whole number from 0 to 65535"."""
+        if self.whole and self.low == 1:
+            return f"a positive whole number up to {_shown(self.high)}"
+        return f"{'a whole number' if self.whole else 'a number'} from {self.span}"
+
+
+def _shown(number: float) -> str:
+    return str(int(number)) if number == int(number) else str(number)
+
+
+CONCURRENCY = Bounds(1, 4096, whole=True)  # requests in flight
+RATE = Bounds(0.01, 1_000_000)  # requests per second
+MAX_ATTEMPTS = Bounds(1, 1000, whole=True)
+TIMEOUT = Bounds(0.1, 86_400)  # seconds for one attempt
+MAX_DATASETS = Bounds(1, 10_000, whole=True)  # dataset inputs merged into one log-inputs
+GRACE = Bounds(0, 86_400)  # seconds in-flight requests get on a stop request
 
 
 @dataclass(frozen=True)
@@ -35,9 +76,29 @@ class Settings:
     systemic_after: int = 8  # stop when this many answers are all 401/404 before any success
 
     def __post_init__(self) -> None:
+        numbers: list[tuple[str, object, Bounds]] = [
+            ("concurrency", self.concurrency, CONCURRENCY),
+            ("retry.max_attempts", self.retry.max_attempts, MAX_ATTEMPTS),
+            ("timeout", self.timeout, TIMEOUT),
+            ("grouping.max_datasets", self.grouping.max_datasets, MAX_DATASETS),
+            ("grace", self.grace, GRACE),
+        ]
+        if self.rate is not None:  # None: no ceiling
+            numbers.append(("rate", self.rate, RATE))
+        for name, value, bounds in numbers:
+            if value not in bounds:
+                raise ConfigurationError(f"{name} {_glimpse(value)}: expected {bounds}")
         tls_context(self.ca_bundle, self.verify_tls)  # a CA file that is none: refused now
         if self.user_principal and any(ord(c) < 32 or ord(c) == 127 for c in self.user_principal):
             raise ConfigurationError("--user-principal holds line breaks or control characters")
+
+
+def _glimpse(value: object) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to be written out
+        return "(a huge number)"
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 def _stem(manifest: str) -> str:

@@ -14,7 +14,7 @@ from batchlog.errors import ConfigurationError
 from batchlog.retry import NO_ANSWER, Answer
 
 API_VERSION = "20260430"
-_USERINFO = re.compile(r"(?<=://)[^/?#]*@")
+_SCHEME = re.compile(r"(?:^|/)[A-Za-z][A-Za-z0-9+.-]*://")  # "https://", "mlflow/https://"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a header value cannot hold these
 
 log = logging.getLogger("batchlog")
@@ -33,19 +33,39 @@ def is_loopback(host: str | None) -> bool:
 
 
 def without_userinfo(text: str) -> str:
-    """``text`` with any ``user:password@`` after a ``scheme://`` taken out (a URL, or a
-    checkpoint's target written by a version that kept it)."""
-    return _USERINFO.sub("", text)
+    """``text`` (a URI, or a checkpoint's target naming one, as written by a version that
+    kept its credentials) as every message must show it: anything from the authority's
+    start (after ``scheme://``, else the text's start) to the text's last ``@`` replaced by
+    ``***``. A password may hold an unencoded '/', '?', '#' or '@', which would end a
+    parser's idea of the userinfo early: this hides more rather than less."""
+    scheme = _SCHEME.search(text)
+    start = scheme.end() if scheme else 0
+    end = text.rfind("@")
+    return text if end < start else f"{text[:start]}***{text[end:]}"
 
 
 def _split(url: str, name: str) -> SplitResult:
+    """The parts of ``url``; a ConfigurationError, never showing its userinfo, if it is
+    none. An '@' after the authority is refused: RFC 3986 allows no unencoded '/', '?' or
+    '#' in a user name or password, and a password holding one ends the authority inside
+    it (``https://alice:12#pw@host`` is host alice, port 12), sending elsewhere."""
+    shown = without_userinfo(url)
+    not_a_url = ConfigurationError(f"{name} {shown!r}: not a URL (expected http(s)://HOST[:PORT])")
     try:
         parts = urlsplit(url)
+    except ValueError:
+        raise not_a_url from None
+    if not parts.netloc:
+        raise not_a_url
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise ConfigurationError(
+            f"{name} {shown!r}: an '@' after the host: a user name or password holding '/', "
+            "'?' or '#' must have them percent-encoded (%2F, %3F, %23)"
+        )
+    try:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        raise ConfigurationError(
-            f"{name} {without_userinfo(url)!r}: not a URL (expected http(s)://HOST[:PORT])"
-        ) from None
+        raise not_a_url from None
     return parts
 
 
@@ -57,11 +77,12 @@ def _check_site(url: str, name: str, credentials: bool) -> SplitResult:
         raise ConfigurationError(  # never echo it: it holds credentials
             f"{name}: give only scheme, host and port (no user or password)"
         )
+    shown = without_userinfo(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(f"{name} {url!r}: expected http(s)://HOST[:PORT]")
+        raise ConfigurationError(f"{name} {shown!r}: expected http(s)://HOST[:PORT]")
     if credentials and parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigurationError(
-            f"{name} {url!r}: plain http is refused except on loopback (credentials would "
+            f"{name} {shown!r}: plain http is refused except on loopback (credentials would "
             "cross the network in the clear); use https"
         )
     return parts
@@ -108,7 +129,13 @@ class OciTarget:
         return "may have been applied: re-sending within 24 h is safe, same retry token"
 
     def systemic_hint(self, status: int) -> str:
-        """Why every request so far got ``status`` (401, 404, 3xx, NO_ANSWER), in OCI terms."""
+        """Why every request so far got ``status`` (401, 404, 3xx, a 2xx that is not the
+        API's answer, NO_ANSWER), in OCI terms."""
+        if 200 <= status < 300:  # held only when it is not the API's JSON
+            return (
+                f"{self.endpoint} answered {status} with something that is not the AI Data "
+                "Platform API (a login page or a proxy?): check --endpoint"
+            )
         if status in (401, 403):
             return (
                 f"every request was refused as unauthenticated ({status}): check the key, "
@@ -152,9 +179,11 @@ class MlflowTarget:
     prefix: str = ""  # the tracking URI's path, if the server sits under one
     authorization: str = field(default="", repr=False)  # Authorization header value, or ""
     datasets_field: str = "datasets"  # MLflow's name for the datasets array in log-inputs
+    uri_credentials: bool = False  # the authorization is the tracking URI's user:password@
 
     def __post_init__(self) -> None:
         _check_site(self.endpoint, "tracking URI", credentials=bool(self.authorization))
+        _split(self.uri, "tracking URI")  # no '@' in the prefix either
         if _CONTROL.search(self.authorization):
             raise ConfigurationError(  # never echo it
                 "the MLflow credentials hold line breaks or control characters: they cannot "
@@ -192,8 +221,22 @@ class MlflowTarget:
         )
 
     def systemic_hint(self, status: int) -> str:
-        """Why every request so far got ``status`` (401, 404, 3xx, NO_ANSWER), in MLflow
-        terms."""
+        """Why every request so far got ``status`` (401, 404, 3xx, a 2xx that is not the
+        API's answer, NO_ANSWER), in MLflow terms."""
+        if 200 <= status < 300:  # held only when it is not the API's JSON
+            return (
+                f"the tracking URI {self.uri} answered {status} with something that is not "
+                "the MLflow API (a login page or a proxy?): use a URI that reaches the MLflow "
+                "server directly, or credentials the proxy accepts (MLFLOW_TRACKING_TOKEN)"
+            )
+        if status in (401, 403) and self.uri_credentials:
+            return (
+                f"the MLflow server refused the user name and password in the tracking URI "
+                f"({status}): correct them in --tracking-uri (or MLFLOW_TRACKING_URI), with "
+                "any '/', '?', '#', '@' or '%' in them percent-encoded; while the URI holds "
+                "credentials, MLFLOW_TRACKING_USERNAME/PASSWORD and MLFLOW_TRACKING_TOKEN "
+                "are not used"
+            )
         if status in (401, 403):
             return (
                 f"the MLflow server refused the credentials ({status}): set "
@@ -241,6 +284,11 @@ def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTa
         )
     parts = _split(tracking_uri, "--tracking-uri")
     shown = without_userinfo(tracking_uri)
+    if parts.query or parts.fragment:  # would be dropped without a word
+        raise ConfigurationError(
+            f"--tracking-uri {shown!r}: give only scheme, host, port and path (no '?' or '#')"
+        )
+    from_uri = parts.password is not None
     if parts.password is not None:  # user:password@ (MLflow ignores a user alone, as here)
         if authorization:
             log.warning(
@@ -257,7 +305,12 @@ def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTa
             "loopback; use https"
         )
     netloc = parts.netloc.rpartition("@")[2]
-    return MlflowTarget(f"{parts.scheme}://{netloc}", parts.path.rstrip("/"), authorization)
+    return MlflowTarget(
+        f"{parts.scheme}://{netloc}",
+        parts.path.rstrip("/"),
+        authorization,
+        uri_credentials=from_uri,
+    )
 
 
 def region_endpoint(region: str) -> str:
@@ -269,7 +322,8 @@ def check_endpoint(endpoint: str) -> str:
     parts = _check_site(endpoint, "--endpoint", credentials=True)
     if parts.path not in ("", "/") or parts.query:
         raise ConfigurationError(
-            f"--endpoint {endpoint!r}: give only scheme, host and port; batchlog adds the path"
+            f"--endpoint {without_userinfo(endpoint)!r}: give only scheme, host and port; "
+            "batchlog adds the path"
         )
     return f"{parts.scheme}://{parts.netloc}"
 

@@ -33,6 +33,7 @@ import orjson
 from yarl import URL
 
 from batchlog.errors import ConfigurationError
+from batchlog.files import UnusableFile, read_ca_bundle
 from batchlog.plan import Call
 from batchlog.retry import (
     BAD_STATUS,
@@ -53,8 +54,12 @@ _MAX_CODE = 100  # characters of an answer's code and request id
 _MAX_ETAG = 200
 # bytes of an answer's body read at most: the API's answers are a few hundred bytes, and
 # only a short message is kept of the rest; a proxy's page of megabytes must neither fill
-# memory (times every call in flight) nor hold the call while it trickles in
+# memory (times every call in flight) nor hold the call while it trickles in. Counted after
+# decompression: a gzip answer of a few kB can hold gigabytes.
 _MAX_BODY = 1 << 16
+# bytes of a run read back at most (runs/get, decompressed): a run with many dataset inputs
+# and a long model history is large, but not this large; a bigger answer is not read on
+_MAX_RUN = 64 << 20
 # what never goes into a message: controls (line breaks, escapes), format characters
 # (bidi overrides, zero-width), lone surrogates (invalid UTF-8 as aiohttp decodes it, which
 # no JSON writer accepts), line and paragraph separators
@@ -172,15 +177,12 @@ def tls_context(
         return True
     if os.path.isdir(ca_bundle):
         raise ConfigurationError(f"{name} {ca_bundle}: is a directory")
-    try:
-        return ssl.create_default_context(cafile=ca_bundle)
-    except FileNotFoundError:
-        raise ConfigurationError(f"{name} {ca_bundle}: no such file") from None
+    try:  # read capped, never by OpenSSL: a FIFO would hold it forever, /dev/zero too
+        return ssl.create_default_context(cadata=read_ca_bundle(ca_bundle))
+    except UnusableFile as exc:
+        raise ConfigurationError(f"{name} {ca_bundle}: {exc}") from None
     except ssl.SSLError:
         raise ConfigurationError(f"{name} {ca_bundle}: no PEM certificate in it") from None
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigurationError(f"{name} {ca_bundle}: cannot be read ({reason})") from None
 
 
 def _sign(
@@ -307,8 +309,8 @@ class Transport:
             async with self._session.post(
                 self._urls[call.op], data=call.body, headers=headers, allow_redirects=False
             ) as resp:
-                payload = await _read_capped(resp)
-                return _answer(resp.status, resp.headers, payload, request_id)
+                payload, cut = await _read_capped(resp, _MAX_BODY)
+                return _answer(resp.status, resp.headers, payload, request_id, cut)
         # A connector error is raised while the connection is being made, before any byte
         # of the request is written; aiohttp re-sends on a fresh connection only for
         # idempotent methods, never a POST, so it never follows a request that went out. A
@@ -341,6 +343,7 @@ class Transport:
     async def read_run(self, run_id: str) -> RunRead:
         """Read a run back with runs/get, telling a run the server says does not exist
         (``RunRead(None)``) from one it could not be asked about (``problem`` says why).
+        A run is read up to 64 MiB (decompressed); a bigger answer is such a problem.
 
         OCI: a GET signed over ``date (request-target) host``, with an opc-request-id.
         MLflow: with the target's Authorization header, if any.
@@ -362,8 +365,11 @@ class Transport:
         try:
             async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
-                payload = await (resp.read() if status == 200 else _read_capped(resp))
-                answer = _answer(status, resp.headers, payload, request_id)
+                payload, cut = await _read_capped(resp, _MAX_RUN if status == 200 else _MAX_BODY)
+                if status == 200 and cut:
+                    mib = _MAX_RUN >> 20
+                    return RunRead(None, f"run too large to read back (over {mib} MiB)")
+                answer = _answer(status, resp.headers, payload, request_id, cut)
         except aiohttp.ClientConnectorError as exc:
             return RunRead(None, _connect_problem(exc))
         except asyncio.TimeoutError:
@@ -410,31 +416,41 @@ class Transport:
         return True
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    """The body, or its first _MAX_BODY bytes (the rest is never read: the connection is
-    closed instead of reused)."""
-    if resp.content_length is not None and resp.content_length <= _MAX_BODY:
-        return await resp.read()  # the usual answer, small and announced
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body, decompressed, up to ``limit`` bytes, and whether there was more (the rest
+    is never read: the connection is closed instead of reused). Never ``resp.read()``: a
+    Content-Length counts compressed bytes, and a small gzip answer can unpack to gigabytes;
+    the decompressed stream is read in bounded pieces instead."""
     chunks: list[bytes] = []
     size = 0
-    while size < _MAX_BODY:
-        chunk = await resp.content.read(_MAX_BODY - size)
+    while size <= limit:  # one byte beyond the limit tells a cut body from a whole one
+        chunk = await resp.content.read(min(limit + 1 - size, 1 << 20))
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+    if size > limit:  # the byte beyond goes, without copying the rest
+        chunks[-1] = chunks[-1][: limit - size]
+    return b"".join(chunks), size > limit
 
 
-def _answer(status: int, headers: Mapping[str, str], payload: bytes, request_id: str) -> Answer:
+def _answer(
+    status: int, headers: Mapping[str, str], payload: bytes, request_id: str, cut: bool = False
+) -> Answer:
     """An HTTP answer described (``headers`` as aiohttp gives them: case-insensitive; the
-    first of repeated ones counts). Whatever the server sent, every text of the answer is
-    one clean line of bounded length."""
+    first of repeated ones counts; ``cut``: ``payload`` is the start of a longer body).
+    Whatever the server sent, every text of the answer is one clean line of bounded
+    length."""
     rid = _one_line(headers.get("opc-request-id") or request_id, _MAX_CODE)
     if not 200 <= status <= 599:  # 1xx as a final answer, 0, 600 and beyond: not HTTP
         message = f"answered with status {status}, which is not a final HTTP status"
         return Answer(status, BAD_STATUS, message, rid)
     if 200 <= status < 300:
+        if cut:  # the API answers {}: so much is something else, whatever it holds
+            message = (
+                f"answered {status} with a body over {_MAX_BODY >> 10} KiB, not the API's answer"
+            )
+            return Answer(status, NOT_THE_API, message, rid)
         if not _json_object(payload):
             kind = _one_line(headers.get("content-type") or "", _MAX_CODE) or "no content type"
             message = (

@@ -36,6 +36,7 @@ FIELD_SHOWN = 120  # characters of a field's path that a message shows: its star
 
 _PLAIN_KEY = re.compile(r"[\w\-]+")
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_BOM = "\ufeff"  # a UTF-8 byte order mark, read past at the start of a line
 _COLON_ESCAPE = "\\u003"  # a colon written \u003a escapes the count (catches \u0030-f too)
 
 
@@ -79,6 +80,7 @@ def _parse(raw: bytes, seq: int, source: str) -> Record:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Invalid("(line)", f"not valid UTF-8 at byte {exc.start}") from None
+    line = line.removeprefix(_BOM)  # Windows editors write one; the raw bytes keep it
     doc = _load_json(line, "", "invalid JSON")
     if not isinstance(doc, dict):
         raise Invalid("(line)", f"expected a JSON object, got {_kind(doc)}")
@@ -207,8 +209,8 @@ def top_level_spans(text: str) -> list[tuple[str, int, int]]:
     twice included: ``(key, start, end)``, ``text[start:end]`` running from the opening
     quote of the key to the end of its value (key escapes decoded: ``"_\\u0065rror"`` is
     ``_error``). Raises ValueError if ``text`` is not one JSON object (NaN and Infinity
-    are not JSON), with nothing but JSON whitespace around it, or is nested deeper than the
-    parser's stack."""
+    are not JSON), with nothing but JSON whitespace around it (and a BOM before it, as a
+    manifest line may have), or is nested deeper than the parser's stack."""
     try:
         return [(key, start, end) for key, start, _, end in _members(text)]
     except (_NotJson, RecursionError) as exc:
@@ -227,7 +229,7 @@ def _members(text: str) -> Iterator[tuple[str, int, int, int]]:
     """(key, start of the key, start of the value, end of the value) of each top-level
     member of the JSON object ``text``; raises ValueError as soon as it is not one."""
     scan = _SPANS_JSON.raw_decode
-    pos = _skip_space(text, 0)
+    pos = _skip_space(text, len(_BOM) if text.startswith(_BOM) else 0)
     if not text.startswith("{", pos):
         raise ValueError("not a JSON object")
     pos = _skip_space(text, pos + 1)

@@ -8,16 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import http.server
 import json
 import math
+import os
 import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -30,11 +34,13 @@ from multidict import CIMultiDict
 
 from batchlog.emulator import EmulatorThread
 from batchlog.emulator.server import http_response
+from batchlog.journal import read_checkpoint
 from batchlog.retry import MAX_RETRY_AFTER, Answer, RetryPolicy, parse_retry_after
 from batchlog.target import MlflowTarget
 from batchlog.transport import _answer
 from tests.conftest import Oci, inputs_record, model_record, run_cli, upload_args, write_manifest
 from tests.test_crash import start_cli
+from tests.test_manifest_input import PEAK_RSS, one_line_error, peak_rss_mb
 from tests.test_transport import call_for, run, transport
 from tests.test_upload import assert_exactly_once
 
@@ -531,3 +537,212 @@ def test_a_huge_retry_after_is_capped_and_shown(
     out = run_cli(args, timeout=60)  # resumed: the server says no more
     assert out.returncode == 0, out.stderr
     assert_exactly_once(emu, records)
+
+
+def test_one_sigint_while_waiting_on_a_retry_after_stops_at_once_and_resumes(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """A call waiting out a ``Retry-After: 300`` (and the calls the shared rate holds back
+    meanwhile) is not in flight: one SIGINT stopped the job only after the whole --grace
+    (10 s), "finishing in-flight requests" with none in flight. It stops at once now, and
+    the rerun applies every record exactly once."""
+    throttled = http_response(429, [("Retry-After", "300")], b'{"code": "TooManyRequests"}')
+    emu = emulator(canned={"held": [throttled], "model": [throttled]})
+    records = [
+        inputs_record("held", "ds0"),
+        model_record("model", 1),
+        *(inputs_record(f"r{i}", f"ds{i}") for i in range(1, 40)),
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest), "--concurrency", "2")  # the default --grace
+    proc = start_cli(args)
+    try:
+        deadline = time.monotonic() + 30
+        while emu.state.statuses[429] < 2:  # both answered 429: waiting now
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no 429 answered"
+            time.sleep(0.02)
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert took < 4, (took, err)  # not the 10 s of --grace
+    assert_clean_stderr(err)
+    assert emu.state.statuses[429] == 2  # each sent once, then left waiting
+    out = run_cli(args, timeout=60)  # resumed: the server says no more
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+
+
+# ---- answers that grow when decompressed, or are too big to be the API's ---------------
+
+
+def gzip_bomb(head: bytes, mib: int, tail: bytes) -> bytes:
+    """``head`` + ``mib`` MiB of spaces + ``tail``, gzipped (about 1 KiB per MiB), made in
+    bounded memory."""
+    compress = zlib.compressobj(9, zlib.DEFLATED, 31)
+    spaces = b" " * (1 << 20)
+    parts = [compress.compress(head), *(compress.compress(spaces) for _ in range(mib))]
+    return b"".join([*parts, compress.compress(tail), compress.flush()])
+
+
+@contextlib.contextmanager
+def hostile_server(
+    post: tuple[int, dict[str, str], bytes], get: bytes = b"", seen: list[str] | None = None
+) -> Iterator[str]:
+    """A loopback HTTP server (stdlib, in a thread) answering every POST with ``post``
+    (status, headers, body) and every GET with 200 and ``get``, gzip-encoded as it is; the
+    method of each request is appended to ``seen``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            if seen is not None:
+                seen.append("POST")
+            self.answer(*post)
+
+        def do_GET(self) -> None:
+            if seen is not None:
+                seen.append("GET")
+            self.answer(200, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, get)
+
+        def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def cli_with_peak(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The CLI in a process of its own, and its peak resident memory in MB."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OCI_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=env,
+    )
+    peak = peak_rss_mb(out.stderr)
+    out.stderr = "".join(line for line in out.stderr.splitlines(True) if "VmHWM" not in line)
+    return out, peak
+
+
+def test_a_gzip_bomb_answer_is_read_no_further_than_the_cap(tmp_path: Path) -> None:
+    """60 MiB of JSON white space in 60 KB of gzip, answered 200: its compressed length is
+    under the 64 KiB cap, so the whole body was decompressed into memory (RSS 50 -> 188 MB)
+    and taken for the API's ``{}``. Only 64 KiB are read now, and it is not the API."""
+    bomb = gzip_bomb(b"{", 60, b"}")
+    assert len(bomb) < 1 << 16
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", [inputs_record(f"r{i}", f"ds{i}") for i in range(3)]
+    )
+    with hostile_server((200, headers, bomb)) as url:
+        args = ["upload", str(manifest), "--target", "mlflow", "--tracking-uri", url]
+        out, peak = cli_with_peak([*args, "--max-attempts", "2"], tmp_path)
+    assert out.returncode == 3, out.stderr
+    one_line_error(out.stderr, "a body over 64 KiB, not the API's answer")
+    assert_clean_stderr(out.stderr)
+    assert peak < 120, out.stderr  # far below the 60 MiB decompressed, twice
+
+
+def test_a_run_read_back_is_capped_through_the_decompressed_stream(tmp_path: Path) -> None:
+    """runs/get answered 200 with 300 MiB of JSON in 300 KB of gzip: it was read whole
+    (and joined: 600 MB). A run is read back up to 64 MiB; beyond that it is named."""
+    bomb = gzip_bomb(b'{"run": {', 300, b"}}")
+    manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1")])
+    with hostile_server((500, {}, b""), get=bomb) as url:
+        args = ["verify", str(manifest), "--target", "mlflow", "--tracking-uri", url]
+        out, peak = cli_with_peak(args, tmp_path)
+    assert out.returncode == 3, out.stderr
+    one_line_error(out.stderr, "run too large to read back")
+    assert_clean_stderr(out.stderr)
+    assert peak < 300, out.stderr  # 64 MiB held at most (twice while joined), not 300 MiB
+
+
+def test_a_2xx_json_object_over_the_cap_is_named_as_too_big() -> None:
+    """A 200 JSON object over 64 KiB was said to be "not a JSON object"."""
+    body = b'{"padding": "' + b"x" * (70 << 10) + b'"}'
+    (answer,) = send_raw([raw(200, body, b"Content-Type: application/json")])
+    assert answer.code == "NotTheApi"
+    assert answer.message == "answered 200 with a body over 64 KiB, not the API's answer", answer
+    assert_clean(answer)
+
+
+HTML_LOGIN = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>log in</body></html>"
+
+
+def test_a_login_page_answered_200_is_named_as_not_the_api(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """It said "every request answered 200 before any succeeded": contradictory."""
+    page = (200, {"Content-Type": "text/html"}, HTML_LOGIN)
+    records = [inputs_record(f"r{i}", f"ds{i}") for i in range(10)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    with hostile_server(page) as url:
+        mlflow = run_cli(["upload", str(manifest), "--target", "mlflow", "--tracking-uri", url])
+    login = http_response(200, [("Content-Type", "text/html")], HTML_LOGIN)
+    emu = emulator(canned={f"r{i}": [login] for i in range(10)})
+    (tmp_path / "m.batchlog-checkpoint").unlink(missing_ok=True)
+    oci_out = run_cli(upload_args(oci, emu, str(manifest), "--restart"))
+    for out in (mlflow, oci_out):
+        assert out.returncode == 3, out.stderr
+        assert_clean_stderr(out.stderr)
+        assert "before any succeeded" not in out.stderr, out.stderr
+        one_line_error(
+            out.stderr, "stopped:", "something that is not the", "API (a login page or a proxy"
+        )
+
+
+def test_one_sigint_while_a_log_model_waits_to_be_read_back_stops_at_once(tmp_path: Path) -> None:
+    """MLflow: a log-model answered 500 may have been applied; before it is read back, the
+    job waits until that attempt can no longer land (--timeout). Nothing is in flight then:
+    one SIGINT waited out the whole --grace. It stops at once, in this run and in the next
+    (which waits the same way), and the call stays in doubt, to be read back later."""
+    seen: list[str] = []
+    manifest = write_manifest(tmp_path / "m.jsonl", [model_record("r1", 1)])
+    error = (500, {"Content-Type": "application/json"}, b'{"error_code": "INTERNAL_ERROR"}')
+    with hostile_server(error, seen=seen) as url:
+        args = ["upload", str(manifest), "--target", "mlflow", "--tracking-uri", url]
+        args += ["--max-attempts", "1", "--timeout", "120"]
+        for run_number in (1, 2):
+            proc = start_cli(args)
+            try:
+                time.sleep(1.5)  # sent and answered (first run), waiting in both
+                started = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=30)
+                took = time.monotonic() - started
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+            assert proc.returncode == 130, (run_number, err)
+            assert took < 4, (run_number, took, err)  # not the 10 s of --grace
+            assert_clean_stderr(err)
+            assert seen == ["POST"], seen  # never sent again, nor read back before its time
+    _, point = read_checkpoint(str(tmp_path / "m.batchlog-checkpoint"))
+    assert len(point.doubt) == 1 and point.finished == 0

@@ -33,7 +33,7 @@ from tests.conftest import (
 PASSPHRASE = "hunter2-correct-horse-battery-staple"
 
 
-def upload(tmp_path: Path, config: Path, *extra: str) -> tuple[int, str, str]:
+def upload(tmp_path: Path, config: Path, *extra: str, timeout: float = 120) -> tuple[int, str, str]:
     manifest = write_manifest(tmp_path / "m.jsonl", [model_record("r1", 1)])
     done = run_cli(
         [
@@ -48,7 +48,8 @@ def upload(tmp_path: Path, config: Path, *extra: str) -> tuple[int, str, str]:
             "--config-file",
             str(config),
             *extra,
-        ]
+        ],
+        timeout=timeout,
     )
     return done.returncode, done.stdout, done.stderr
 
@@ -164,9 +165,9 @@ def api_key_config(tmp_path: Path, key_file: str, *more: str) -> Path:
     return config
 
 
-def config_error(config: Path, *extra: str) -> str:
+def config_error(config: Path, *extra: str, timeout: float = 120) -> str:
     """The one line an upload prints for a broken OCI config (exit 2, no traceback)."""
-    rc, stdout, stderr = upload(config.parent, config, *extra)
+    rc, stdout, stderr = upload(config.parent, config, *extra, timeout=timeout)
     assert rc == 2, stderr
     assert "Traceback" not in stderr and stdout == ""
     errors = [line for line in stderr.splitlines() if line.startswith("batchlog: error: ")]
@@ -346,6 +347,102 @@ def test_a_session_token_profile_without_a_key_file(oci: Oci, tmp_path: Path) ->
     config.write_text(f"[DEFAULT]\ntenancy={TENANCY}\nsecurity_token_file={token}\n")
     message = config_error(config, "--auth", "security_token")
     assert message == f"OCI config {config} [DEFAULT]: key_file is missing", message
+
+
+def test_a_field_on_an_indented_line_names_the_line(oci: Oci, tmp_path: Path) -> None:
+    """configparser reads an indented line as part of the value above it: the field it
+    holds is missing, and the message says why."""
+    key_file = tmp_path / "oci_api_key.pem"
+    config = tmp_path / "config"
+    lines = [f"user={USER}", f"fingerprint={FINGERPRINT}", f"tenancy={TENANCY}"]
+    config.write_text(
+        "[DEFAULT]\n" + "\n".join(lines) + f"\nregion=us-ashburn-1\n\tkey_file = {key_file}\n"
+    )
+    message = config_error(config)
+    assert message == (
+        f"OCI config {config} [DEFAULT]: key_file is missing: line 6 is indented, so it is "
+        "read as part of line 5 (region): remove the indentation"
+    ), message
+    assert str(key_file) not in message
+    config.write_text(  # below an option that is checked first: its line is named too
+        f"[DEFAULT]\nuser={USER}\n  fingerprint={FINGERPRINT}\ntenancy={TENANCY}\n"
+        f"key_file={key_file}\n"
+    )
+    message = config_error(config)
+    assert message == (
+        f"OCI config {config} [DEFAULT]: line 2: user is malformed (expected an OCID, "
+        "ocid1.user.oc1...): line 3 is indented, so it is read as part of line 2 (user): "
+        "remove the indentation"
+    ), message
+    assert FINGERPRINT not in message
+
+
+# ---- what must be a small regular file: never a FIFO, a device or a huge file --------------
+
+NOT_REGULAR = "is not a regular file (a pipe or a device?)"
+
+
+def no_files(tmp_path: Path, limit: str, what: str) -> dict[str, tuple[Path, str]]:
+    """A FIFO with no writer (opening it would wait forever), /dev/zero (reading it never
+    ends) and a sparse file one byte over ``limit`` ("1 MiB")."""
+    fifo = tmp_path / f"fifo-{what.replace(' ', '-')}"
+    os.mkfifo(fifo)
+    huge = tmp_path / f"huge-{what.replace(' ', '-')}"
+    number, unit = limit.split()
+    with open(huge, "wb") as f:
+        f.truncate(int(number) * {"KiB": 1 << 10, "MiB": 1 << 20}[unit] + 1)
+    return {
+        "fifo": (fifo, NOT_REGULAR),
+        "device": (Path("/dev/zero"), NOT_REGULAR),
+        "huge": (huge, f"is larger than {limit}: not {what}"),
+    }
+
+
+def test_a_config_file_that_is_a_fifo_a_device_or_huge(oci: Oci, tmp_path: Path) -> None:
+    for case, (path, reason) in no_files(tmp_path, "1 MiB", "an OCI config").items():
+        message = config_error(path, timeout=30)
+        assert message == f"OCI config {path} [DEFAULT]: {reason}", (case, message)
+
+
+def test_a_key_file_that_is_a_fifo_a_device_or_huge(oci: Oci, tmp_path: Path) -> None:
+    for case, (path, reason) in no_files(tmp_path, "64 KiB", "a key").items():
+        config = api_key_config(tmp_path, str(path))
+        message = config_error(config, timeout=30)
+        assert message == f"OCI config {config} [DEFAULT]: line 6: key_file {path} {reason}", (
+            case,
+            message,
+        )
+
+
+def test_a_token_file_that_is_a_fifo_a_device_or_huge(oci: Oci, tmp_path: Path) -> None:
+    config = session_profile(tmp_path, "tok")
+    for case, (path, reason) in no_files(tmp_path, "64 KiB", "a token").items():
+        config.write_text(config.read_text().replace(str(tmp_path / "token"), str(path)))
+        message = config_error(config, "--auth", "security_token", timeout=30)
+        assert message == (
+            f"OCI config {config} [DEFAULT]: line 5: the security token file {path} {reason}"
+        ), (case, message)
+        config.write_text(config.read_text().replace(str(path), str(tmp_path / "token")))
+
+
+def test_a_token_file_replaced_by_a_fifo_keeps_the_token_without_waiting(
+    oci: Oci, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = load_credentials("security_token", str(session_profile(tmp_path, "tok-A")), None).keys
+    token = tmp_path / "token"
+    for case, (path, reason) in no_files(tmp_path, "64 KiB", "a token").items():
+        token.unlink()
+        token.symlink_to(path)
+        refresher = threading.Thread(target=keys.refresh, daemon=True)
+        refresher.start()
+        refresher.join(20)
+        hung = refresher.is_alive()
+        if hung and case == "fifo":  # let it go: end the test, not hang
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            refresher.join(10)
+        assert not hung, case
+        assert keys.snapshot().key_id == "ST$tok-A", case
+        assert reason in caplog.text, (case, caplog.text)
 
 
 # ---- session tokens: a token that cannot be a header is a configuration error -------------

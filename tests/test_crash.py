@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from batchlog.emulator import EmulatorThread
@@ -144,6 +146,37 @@ def test_full_disk_for_the_journal_stops_cleanly_and_resumes(
     out = run_cli(args)
     assert out.returncode == 0, out.stderr
     assert_exactly_once(emu, records)
+
+
+@pytest.mark.parametrize("limit", [9_000, 30_000, 70_000])
+def test_a_full_disk_never_loses_a_dead_letter_line(
+    limit: int, tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: a journal write cut short by a full disk left whole lines of a group
+    commit without their commit line; a resume counted their records as finished and cut
+    their dead-letter lines off (the commit's dead-letter size was never written)."""
+    emu = emulator()
+    good = mixed_records(1500, runs=1500)
+    lines: list[Any] = []
+    for i, record in enumerate(good):
+        lines += [record, {"run_id": f"bad run {i}"}]  # a run id no server takes
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    args = upload_args(oci, emu, str(manifest))
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = start_cli(args, preexec_fn=limited)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert "cannot write" in err
+    out = run_cli(args)
+    assert out.returncode == 1, out.stderr
+    assert_exactly_once(emu, good)
+    dead = tmp_path / "m.dead-letter.jsonl"
+    sources = [orjson.loads(line)["_error"]["source"] for line in dead.read_bytes().splitlines()]
+    assert len(sources) == len(set(sources)) == 1500, (len(sources), len(set(sources)))
+    assert "1,500 rejected" in run_cli(["status", str(tmp_path / "m.batchlog-checkpoint")]).stdout
 
 
 @pytest.mark.slow

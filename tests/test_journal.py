@@ -103,17 +103,31 @@ def test_manifests_have_watermarks_of_their_own(tmp_path: Path) -> None:
 
 
 def test_torn_tail_is_cut_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A whole line without the commit line that closes its group counts for nothing (found
+    by review: a full disk cut a group after some whole lines, a resume counted their
+    records as finished and cut their dead-letter lines, which the commit never covered)."""
     path = tmp_path / "c"
     fill(path, [0, 1])
     good = path.read_bytes()
     entry = journal_module.seal({"f": [2], "h": ["h2"], "st": 200})
     with open(path, "ab") as f:
-        f.write(entry + b'{"w": 0, "at": [3, 30')  # kill -9 mid-write
+        f.write(entry + b'{"w": 0, "at": [3, 30')  # kill -9 or a full disk mid-write
     with caplog.at_level(logging.WARNING, logger="batchlog"):
         _, point = read_checkpoint(str(path), repair=True)
-    assert "torn or damaged tail" in caplog.text
+    assert "cut off an unfinished or damaged tail" in caplog.text
+    assert point.marks == [after(2)] and point.done == {}
+    assert path.read_bytes() == good
+
+
+def test_a_group_counts_once_its_commit_line_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    fill(path, [0, 1])
+    entry = journal_module.seal({"f": [2], "h": ["h2"], "st": 200})
+    commit = journal_module.seal({"commit": [3, 0, 0], "dl": 0})
+    with open(path, "ab") as f:
+        f.write(entry + commit)
+    _, point = read_checkpoint(str(path), repair=True)
     assert point.marks == [after(2)] and point.done == {2: "h2"}
-    assert path.read_bytes() == good + entry
 
 
 def test_zero_filled_tail_is_cut(tmp_path: Path) -> None:

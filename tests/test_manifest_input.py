@@ -373,3 +373,69 @@ def test_a_second_sigint_stops_at_once_with_stdin_blocked_and_a_call_in_flight(
     out = run_cli(args, input=jsonl(records), cwd=tmp_path)  # the same stream, grown
     assert out.returncode == 0, out.stderr
     assert_exactly_once(emu, records)
+
+
+# ---- 15. what Windows editors and double compression leave --------------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_manifest_with_a_utf8_bom_uploads_and_resumes(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """``bom.jsonl:1: (line): invalid JSON: Expecting value``: a BOM (as Windows editors
+    write one, or files concatenated) is read past; the bytes are kept as they are."""
+    emu = emulator()
+    good = [inputs_record(f"b{i}", f"bom{i:04d}") for i in range(4)]
+    bad = BOM + b'{"run_id": "bad", "datasets": [], "x": 1}'
+    manifest = tmp_path / "bom.jsonl"
+    manifest.write_bytes(
+        BOM + orjson.dumps(good[0]) + b"\r\n" + orjson.dumps(good[1]) + b"\r\n" + bad + b"\r\n"
+    )
+    out = run_cli(["validate", str(manifest)])
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "bom.jsonl:3: x: unknown field" in out.stdout, out.stdout
+    assert "invalid JSON" not in out.stdout
+    args = upload_args(oci, emu, str(manifest))
+    out = run_cli(args)
+    assert out.returncode == 1, out.stderr
+    assert_exactly_once(emu, good[:2])
+    dead = (tmp_path / "bom.dead-letter.jsonl").read_bytes()
+    assert dead.startswith(bad[:-1] + b',"_error":'), dead  # the line byte for byte
+
+    with open(manifest, "ab") as f:  # appended: another BOM, the last line unterminated
+        f.write(BOM + orjson.dumps(good[2]) + b"\r\n" + BOM + orjson.dumps(good[3]))
+    out = run_cli(args)
+    assert out.returncode == 1 and "3 already done" in out.stderr, out.stderr
+    assert_exactly_once(emu, good)
+    out = run_cli(args)  # nothing more to send: the checkpoint matched the bytes read
+    assert out.returncode == 1 and "5 already done" in out.stderr, out.stderr
+    assert_exactly_once(emu, good)
+
+
+def test_gzip_inside_gzip_is_named(tmp_path: Path, oci: Oci, emulator: StartEmulator) -> None:
+    """It said ``gzgz.jsonl.gz:1: (line): not valid UTF-8 at byte 1``."""
+    emu = emulator()
+    manifest = tmp_path / "gzgz.jsonl.gz"
+    manifest.write_bytes(gzip.compress(gzip.compress(jsonl(mixed_records(20, runs=5)).encode())))
+    for cmd in (
+        ["validate", str(manifest)],
+        ["upload", str(manifest), "--emulate", "--dry-run"],
+        upload_args(oci, emu, str(manifest)),
+    ):
+        out = run_cli(cmd, cwd=tmp_path)
+        assert out.returncode == 2, (cmd, out.stderr)
+        one_line_error(out.stderr, "gzgz.jsonl.gz", "gzip inside gzip: decompress it once first")
+        assert "not valid UTF-8" not in out.stdout + out.stderr
+    assert emu.state.retry_tokens == []
+    piped = subprocess.run(  # on stdin: found as it is read, exit 3 as for other formats there
+        [sys.executable, "-m", "batchlog", *upload_args(oci, emu, "-")],
+        input=manifest.read_bytes(),
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    err = piped.stderr.decode()
+    assert piped.returncode == 3, err
+    one_line_error(err, "<stdin>", "gzip inside gzip: decompress it once first")
+    assert emu.state.retry_tokens == []

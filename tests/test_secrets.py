@@ -15,6 +15,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,12 @@ StartEmulator = Callable[..., EmulatorThread]
 class Recorder:
     """A stand-in MLflow server on loopback that keeps every request's headers (names in
     lower case): log calls answer 200 ``{}`` (404 RESOURCE_DOES_NOT_EXIST for runs named
-    ``missing*``), runs/get answers 404."""
+    ``missing*``), runs/get answers 404. A recorder that ``refuses`` answers every
+    request 401, as a server that does not take the credentials."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, refuses: bool = False) -> None:
         self.headers: list[dict[str, str]] = []
+        self.refuses = refuses
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,7 +71,9 @@ class Recorder:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 recorder.headers.append({k.lower(): v for k, v in self.headers.items()})
-                if str(orjson.loads(body).get("run_id", "")).startswith("missing"):
+                if recorder.refuses:
+                    self.answer(401, {"error_code": "UNAUTHENTICATED", "message": "no"})
+                elif str(orjson.loads(body).get("run_id", "")).startswith("missing"):
                     self.answer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"})
                 else:
                     self.answer(200, {})
@@ -109,8 +114,8 @@ class Recorder:
 def recorder() -> Iterator[Callable[..., Recorder]]:
     started: list[Recorder] = []
 
-    def start(tls: ssl.SSLContext | None = None) -> Recorder:
-        started.append(Recorder(tls))
+    def start(tls: ssl.SSLContext | None = None, refuses: bool = False) -> Recorder:
+        started.append(Recorder(tls, refuses))
         return started[-1]
 
     yield start
@@ -118,14 +123,16 @@ def recorder() -> Iterator[Callable[..., Recorder]]:
         r.close()
 
 
-def cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """batchlog in its own process, with MLflow's and OCI's variables as given only."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OCI_"))}
     return subprocess.run(
         [sys.executable, "-m", "batchlog", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env={**base, **(env or {})},
     )
 
@@ -239,7 +246,7 @@ def test_an_old_checkpoint_holding_uri_credentials_is_shown_without_them(
     assert shown.returncode == 0, shown.stderr
     assert "old-SECRET-pw" not in shown.stdout + shown.stderr
     assert "old-user" not in shown.stdout + shown.stderr
-    assert f"mlflow/http://127.0.0.1:{server.port}" in shown.stdout, shown.stdout
+    assert f"mlflow/http://***@127.0.0.1:{server.port}" in shown.stdout, shown.stdout
     again = cli(["upload", "--target", "mlflow", "--tracking-uri", server.url(), str(manifest)])
     assert again.returncode == 3 and "belongs to another target" in again.stderr
     assert "old-SECRET-pw" not in again.stderr and "old-user" not in again.stderr
@@ -360,6 +367,169 @@ def test_uri_credentials_over_plain_http_are_refused_unless_loopback(tmp_path: P
     assert "SECRET" not in repr(target)
 
 
+# A password with an unencoded '/', '?' or '#' (RFC 3986 forbids them in userinfo) ends the
+# URI's authority inside it: parsed as written, the password is a port, a path or a fragment
+# and the host is the user name. Such a URI is refused, and no message shows its userinfo.
+MALFORMED = ["pa/ss-SECRET", "pa?ss-SECRET", "pa#ss-SECRET", "12#SECRET", "12/SECRET", "12?SECRET"]
+# '@', '%' and ':' leave the host where it is (the last '@' ends the userinfo): accepted.
+WELL_FORMED = ["pa@ss-SECRET", "pa%ss-SECRET", "pa:ss-SECRET", "pa%2Fss-SECRET"]
+URI_SHAPES = [
+    "https://uzer7:{}@host.example",
+    "https://uzer7:{}@host.example:8443/prefix",
+    "http://uzer7:{}@10.1.1.1:5000",  # plain http beyond loopback
+    "ftp://uzer7:{}@host.example",  # no http(s)
+    "uzer7:{}@host.example",  # no scheme
+    "https://uzer7:{}@",  # no host
+]
+
+
+def assert_refused_unseen(rc: int, text: str, what: object) -> None:
+    assert rc == 2, (what, text)
+    errors = [line for line in text.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("batchlog: error: "), (what, text)
+    assert "SECRET" not in text and "uzer7" not in text and "ss-" not in text, (what, text)
+    assert "Traceback" not in text and "internal error" not in text, (what, text)
+
+
+@pytest.mark.parametrize("password", MALFORMED + WELL_FORMED)
+def test_no_message_about_a_tracking_uri_shows_its_credentials(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    password: str,
+) -> None:
+    from batchlog.cli import main
+
+    manifest = str(write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1")]))
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    for shape in URI_SHAPES:
+        uri = shape.format(password)
+        accepted = password in WELL_FORMED and shape.startswith("https://uzer7:{}@host")
+        for how in ("flag", "env"):
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+            args = ["--target", "mlflow", manifest]
+            if how == "flag":
+                args += ["--tracking-uri", uri]
+            else:
+                monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            for command in (["upload", "--dry-run"], ["verify"]):
+                if accepted and command == ["verify"]:
+                    continue  # it would go to host.example: the recorder test below does
+                rc = main([*command, *args])
+                text = capsys.readouterr().err + caplog.text
+                caplog.clear()
+                if accepted:
+                    assert rc == 0, (uri, text)
+                    assert "SECRET" not in text and "uzer7" not in text, (uri, text)
+                else:
+                    assert_refused_unseen(rc, text, (uri, how, command))
+        # the library: the same refusals, in the same words
+        refusals: list[Callable[[], object]] = [
+            partial(mlflow_target, uri),
+            partial(mlflow_target, uri, "Bearer x"),
+            partial(MlflowTarget, uri),
+            partial(OciTarget, uri, PLATFORM, WORKSPACE),
+        ]
+        if accepted:
+            refusals = refusals[2:]  # the URI's credentials are taken out: the target is fine
+        for n, build in enumerate(refusals):
+            with pytest.raises(ConfigurationError) as raised:
+                build()
+            assert_refused_unseen(2, f"batchlog: error: {raised.value}", (uri, n))
+
+
+@pytest.mark.parametrize("password", MALFORMED + WELL_FORMED)
+def test_no_message_about_an_endpoint_shows_credentials(
+    tmp_path: Path, oci: Oci, password: str
+) -> None:
+    from batchlog.cli import main
+    from batchlog.target import check_endpoint
+
+    manifest = str(write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1")]))
+    for shape in URI_SHAPES:
+        uri = shape.format(password)
+        args = ["upload", manifest, "--dry-run", "--config-file", str(oci.config)]
+        rc = main([*args, "--platform-id", PLATFORM, "--workspace", WORKSPACE, "--endpoint", uri])
+        assert_refused_unseen(rc, "batchlog: error: refused", uri)
+        with pytest.raises(ConfigurationError) as raised:
+            check_endpoint(uri)
+        assert_refused_unseen(2, f"batchlog: error: {raised.value}", uri)
+
+
+def test_a_malformed_uri_is_refused_and_shown_without_its_userinfo(tmp_path: Path) -> None:
+    """The cases the review found, as a user meets them."""
+    manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1")])
+    for password in MALFORMED:
+        uri = f"https://alice:{password}@host.example"
+        done = cli(
+            ["upload", str(manifest), "--target", "mlflow", "--dry-run"],
+            {"MLFLOW_TRACKING_URI": uri},
+        )
+        assert done.returncode == 2, (uri, done.stderr)
+        assert "SECRET" not in done.stderr and "alice" not in done.stderr, done.stderr
+        assert "https://***@host.example" in done.stderr, done.stderr
+        assert "percent-encode" in done.stderr, done.stderr
+
+
+def test_well_formed_uri_credentials_with_reserved_characters_are_sent(
+    tmp_path: Path, recorder: Callable[..., Recorder]
+) -> None:
+    from urllib.parse import unquote
+
+    server = recorder()
+    manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1")])
+    runs = []
+    for password in WELL_FORMED:
+        uri = server.url(f"uzer7:{password}@")
+        up = cli(
+            ["upload", str(manifest), "--target", "mlflow", "--restart", "--tracking-uri", uri]
+        )
+        assert up.returncode == 0, (password, up.stderr)
+        assert server.headers[-1]["authorization"] == basic("uzer7", unquote(password))
+        assert server.headers[-1]["host"] == f"127.0.0.1:{server.port}"
+        check = cli(["verify", str(manifest), "--target", "mlflow", "--tracking-uri", uri])
+        assert check.returncode == 1, check.stderr  # the recorder knows no run: missing
+        runs += [up, check]
+    runs.append(status(tmp_path / "m.batchlog-checkpoint"))
+    secrets = [*WELL_FORMED, *(unquote(p) for p in WELL_FORMED), "uzer7"]
+    assert_absent(secrets, everything_written(tmp_path, runs, set()))
+
+
+@pytest.mark.parametrize("password", MALFORMED + WELL_FORMED)
+def test_a_checkpoint_naming_a_target_with_any_userinfo_is_shown_without_it(
+    password: str,
+) -> None:
+    from batchlog.target import without_userinfo
+
+    for shape in URI_SHAPES:
+        shown = without_userinfo("mlflow/" + shape.format(password) + "/x")
+        assert "SECRET" not in shown and "uzer7" not in shown and "ss-" not in shown, shown
+        assert "***" in shown, shown
+    assert without_userinfo("mlflow/https://host.example:5000/p") == (
+        "mlflow/https://host.example:5000/p"
+    )
+
+
+def test_a_401_names_the_credentials_that_were_used(
+    tmp_path: Path, recorder: Callable[..., Recorder]
+) -> None:
+    server = recorder(refuses=True)
+    manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record(f"r{i}", "d") for i in range(9)])
+    args = ["upload", str(manifest), "--target", "mlflow", "--restart", "--tracking-uri"]
+    in_uri = cli([*args, server.url(userinfo())], {"MLFLOW_TRACKING_TOKEN": BEARER})
+    assert in_uri.returncode == 3, in_uri.stderr
+    assert "user name and password in the tracking URI" in in_uri.stderr, in_uri.stderr
+    in_env = cli([*args, server.url()], {"MLFLOW_TRACKING_TOKEN": BEARER})
+    assert in_env.returncode == 3, in_env.stderr
+    assert "MLFLOW_TRACKING_TOKEN" in in_env.stderr, in_env.stderr
+    assert "in the tracking URI" not in in_env.stderr, in_env.stderr
+    assert_absent(
+        [BEARER, URI_PASSWORD, URI_USER], everything_written(tmp_path, [in_uri, in_env], set())
+    )
+
+
 def test_a_bearer_token_that_cannot_be_a_header_is_refused_unseen(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1")])
     env = {"MLFLOW_TRACKING_TOKEN": f"{BEARER}\r\nX-Injected: 1"}
@@ -424,10 +594,18 @@ def bad_ca_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     directory.mkdir()
     not_pem = tmp_path / "not-a-ca.pem"
     not_pem.write_text("this is not a certificate\n")
+    fifo = tmp_path / "ca-fifo"  # no writer: opening it waits forever
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.pem"
+    with open(huge, "wb") as f:
+        f.truncate((16 << 20) + 1)
     return {
         "missing": (tmp_path / "nope.pem", "no such file"),
         "directory": (directory, "is a directory"),
         "not PEM": (not_pem, "no PEM certificate in it"),
+        "fifo": (fifo, "is not a regular file (a pipe or a device?)"),
+        "device": (Path("/dev/zero"), "is not a regular file (a pipe or a device?)"),
+        "huge": (huge, "is larger than 16 MiB: not a CA bundle"),
     }
 
 
@@ -445,6 +623,7 @@ def test_a_server_certificate_path_that_is_no_ca_file(tmp_path: Path) -> None:
                     str(manifest),
                 ],
                 {"MLFLOW_TRACKING_SERVER_CERT_PATH": str(path)},
+                timeout=30,
             )
             assert done.returncode == 2, (case, done.stderr)
             assert done.stderr == (
@@ -458,17 +637,31 @@ def test_an_oci_ca_bundle_that_is_no_ca_file(
     emu = emulator()
     manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1")])
     for case, (path, reason) in bad_ca_files(tmp_path).items():
-        done = run_cli([*upload_args(oci, emu, str(manifest)), "--ca-bundle", str(path)])
+        args = [*upload_args(oci, emu, str(manifest)), "--ca-bundle", str(path)]
+        done = run_cli(args, timeout=30)
         assert done.returncode == 2, (case, done.stderr)
         assert done.stderr == f"batchlog: error: --ca-bundle {path}: {reason}\n", case
     assert sum(emu.state.statuses.values()) == 0
 
 
+def _writer_comes_and_goes(fifo: Path) -> None:
+    """Let a reader waiting on ``fifo`` go (it reads the end of the file)."""
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def test_the_library_refuses_a_ca_file_that_is_no_ca_file(tmp_path: Path, oci: Oci) -> None:
     target = OciTarget("https://datalake.example", PLATFORM, WORKSPACE)
     for path, reason in bad_ca_files(tmp_path).values():
-        with pytest.raises(ConfigurationError) as raised:
-            batchlog.Settings(target=target, keys=StaticKey(KEY_ID, oci.key), ca_bundle=str(path))
+        # a FIFO would hold this test forever: after 20 s a writer comes and goes
+        unblock = threading.Timer(20, _writer_comes_and_goes, [path])
+        unblock.start()
+        try:
+            with pytest.raises(ConfigurationError) as raised:
+                batchlog.Settings(
+                    target=target, keys=StaticKey(KEY_ID, oci.key), ca_bundle=str(path)
+                )
+        finally:
+            unblock.cancel()
         assert str(raised.value) == f"CA file {path}: {reason}"
     with pytest.raises(ConfigurationError):
         batchlog.Settings(

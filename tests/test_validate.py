@@ -380,3 +380,30 @@ def test_model_json_text_survives_any_values(metadata: str) -> None:
         item = parse(model_line(model_json))
         assert isinstance(item, Record), item
         assert item.model_json == text
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_line_starting_with_a_utf8_bom_parses_and_keeps_its_bytes() -> None:
+    """Windows editors write a BOM: it was "invalid JSON: Expecting value"."""
+    for doc in (inputs_record("run1", "ds1"), model_record("run1", 3)):
+        raw = BOM + orjson.dumps(doc)
+        item = parse(raw)
+        assert isinstance(item, Record), item
+        assert item.raw == raw  # hashed, checkpointed and dead-lettered as it is
+        assert item.run_id == "run1"
+    model = parse(BOM + orjson.dumps(model_record("run1", 3)))
+    assert isinstance(model, Record)
+    assert model.model_json == orjson.dumps(model_record("run1", 3)["model_json"]).decode()
+    assert rejected(BOM + b'{"run_id": "r1", "dataset": []}')[0] == "dataset"  # named
+    assert rejected(BOM + BOM + b"{}")[1].startswith("invalid JSON")  # one BOM, not any
+
+
+def test_a_bom_line_keeps_its_members_for_the_dead_letter() -> None:
+    from batchlog.validate import top_level_spans
+
+    text = (BOM + b'{"run_id": "r1", "x": 1}').decode()
+    assert [key for key, _, _ in top_level_spans(text)] == ["run_id", "x"]
+    for key, start, end in top_level_spans(text):
+        assert text[start:end].startswith(f'"{key}"')

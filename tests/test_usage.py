@@ -1,0 +1,282 @@
+"""Usage errors are exit 2 with one line naming the flag or the file and why, never an
+internal error (exit 3): every numeric flag of every command has a documented range, which
+the library's Settings enforces too, and `batchlog status` names a checkpoint that is not
+one (a directory, a FIFO, a foreign file), reading it without changing it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import batchlog
+from batchlog.cli import build_parser, main
+from batchlog.emulator import EmulatorThread
+from batchlog.errors import ConfigurationError
+from batchlog.plan import GroupLimits
+from batchlog.retry import RetryPolicy
+from batchlog.signing import StaticKey
+from batchlog.target import OciTarget
+from tests.conftest import (
+    KEY_ID,
+    PLATFORM,
+    WORKSPACE,
+    Oci,
+    inputs_record,
+    mixed_records,
+    run_cli,
+    upload_args,
+    write_manifest,
+)
+
+StartEmulator = Callable[..., EmulatorThread]
+
+# ---- numeric flags -------------------------------------------------------------------------
+
+# command, flag, lowest, highest, whole numbers only: the ranges --help documents
+RANGES = [
+    ("upload", "--concurrency", 1, 4096, True),
+    ("upload", "--rate", 0.01, 1_000_000, False),
+    ("upload", "--max-attempts", 1, 1000, True),
+    ("upload", "--timeout", 0.1, 86_400, False),
+    ("upload", "--max-datasets-per-request", 1, 10_000, True),
+    ("upload", "--grace", 0, 86_400, False),
+    ("verify", "--concurrency", 1, 4096, True),
+    ("emulator", "--port", 0, 65_535, True),
+    ("emulator", "--rate-limit", 0.01, 1_000_000, False),
+    ("emulator", "--latency-ms", 0, 600_000, False),
+    ("emulator", "--fail-before", 0, 1, False),
+    ("emulator", "--fail-after", 0, 1, False),
+    ("emulator", "--reset-after", 0, 1, False),
+    ("emulator", "--throttle-once", 0, 1, False),
+    ("emulator", "--seed", 0, 2**32 - 1, True),
+]
+EXTREMES = [
+    "0",
+    "-1",
+    "1",
+    "0.5",
+    "1e-300",
+    "-1e-300",
+    "1e300",
+    "inf",
+    "-inf",
+    "nan",
+    str(2**63),
+    str(2**64),
+    "9" * 5000,  # more digits than int() reads
+    "1" + "0" * 400,  # an int too large for a float
+    "0x10",
+    "abc",
+    "",
+]
+
+
+def command_line(command: str, flag: str, value: str, tmp_path: Path) -> list[str]:
+    manifest = str(tmp_path / "m.jsonl")
+    before = {
+        "upload": ["upload", manifest, "--emulate", "--dry-run"],
+        "verify": [
+            "verify",
+            manifest,
+            "--target",
+            "mlflow",
+            "--tracking-uri",
+            "http://127.0.0.1:1",
+        ],
+        "emulator": ["emulator"],
+    }[command]
+    return [*before, f"{flag}={value}"]  # "=": a value such as -1 is not taken for a flag
+
+
+def shown(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def accepted(text: str, low: float, high: float, whole: bool) -> float | None:
+    """The value ``text`` stands for if the flag must take it, else None."""
+    try:
+        value: float = int(text) if whole else float(text)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None  # nan: never
+
+
+@pytest.mark.parametrize(("command", "flag", "low", "high", "whole"), RANGES)
+def test_every_numeric_flag_takes_its_range_and_refuses_the_rest(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    flag: str,
+    low: float,
+    high: float,
+    whole: bool,
+) -> None:
+    edges = [str(low), str(high), repr(float(high) * 1.0000001), repr(low - 1e-9)]
+    for text in [*EXTREMES, *edges]:
+        argv = command_line(command, flag, text, tmp_path)
+        value = accepted(text, low, high, whole)
+        if value is not None:
+            parsed = getattr(build_parser().parse_args(argv), flag[2:].replace("-", "_"))
+            assert parsed == value and isinstance(parsed, int if whole else float), text
+            continue
+        assert main(argv) == 2, (flag, text)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("batchlog: error:")]
+        assert len(lines) == 1, err
+        assert f"argument {flag}:" in lines[0], err
+        assert f"{shown(low)} to {shown(high)}" in lines[0] or f"up to {shown(high)}" in lines[0]
+        assert len(lines[0]) < 200, err  # a 5000-digit value is not echoed whole
+        assert "internal error" not in err and "Traceback" not in err
+
+
+def test_help_documents_each_range(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("upload", "verify", "emulator"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for cmd, flag, low, high, _ in RANGES:
+            if cmd == command:
+                assert f"{flag} " in text and f"{shown(low)} to {shown(high)}" in text, flag
+
+
+def test_the_ends_of_every_range_work_in_a_real_upload(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    records = [inputs_record("r1", "a"), inputs_record("r1", "b"), inputs_record("r2", "c")]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    one = write_manifest(tmp_path / "one.jsonl", records[:1])
+    runs = {
+        "highs": [
+            *upload_args(oci, emu, str(manifest), "--checkpoint", str(tmp_path / "c1")),
+            *("--concurrency", "4096", "--rate", "1e6", "--max-attempts", "1000"),
+            *("--timeout", "86400", "--max-datasets-per-request", "10000", "--grace", "86400"),
+        ],
+        "lows": [
+            *upload_args(oci, emu, str(manifest), "--checkpoint", str(tmp_path / "c2")),
+            *("--concurrency", "1", "--max-attempts", "1", "--max-datasets-per-request", "1"),
+            *("--grace", "0"),
+        ],
+        "lowest rate": [*upload_args(oci, emu, str(one)), "--rate", "0.01"],
+        "shortest timeout": [
+            *upload_args(oci, emu, str(manifest), "--checkpoint", str(tmp_path / "c3")),
+            *("--timeout", "0.1", "--max-attempts", "1000"),
+        ],
+    }
+    for name, args in runs.items():
+        done = run_cli(args, timeout=60)
+        assert done.returncode == 0, (name, done.stderr)
+        assert "internal error" not in done.stderr, (name, done.stderr)
+
+
+def test_the_library_refuses_what_the_flags_refuse(oci: Oci) -> None:
+    base = batchlog.Settings(
+        target=OciTarget("https://datalake.example", PLATFORM, WORKSPACE),
+        keys=StaticKey(KEY_ID, oci.key),
+    )
+    bad: dict[str, list[Any]] = {
+        "concurrency": [0, -1, 4097, 2**64, 10**400, 1.5, True, "8"],
+        "rate": [0.0, 1e-300, -1.0, 1e300, math.inf, math.nan, "10"],
+        "timeout": [0.0, 0.01, -1.0, math.inf, math.nan, 86_401.0],
+        "grace": [-1.0, math.inf, math.nan, 86_401.0],
+        "retry": [RetryPolicy(max_attempts=0), RetryPolicy(max_attempts=1001)],
+        "grouping": [GroupLimits(max_datasets=0), GroupLimits(max_datasets=2**64)],
+    }
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(ConfigurationError) as raised:
+                dataclasses.replace(base, **{name: value})
+            message = str(raised.value)
+            assert "\n" not in message and "expected" in message, message
+            assert name in message or "max_attempts" in message or "max_datasets" in message
+    ends: dict[str, Any] = {"rate": 0.01, "grace": 0.0, "concurrency": 4096, "timeout": 0.1}
+    for name, value in ends.items():
+        dataclasses.replace(base, **{name: value})  # the ends of the ranges are fine
+
+
+# ---- batchlog status on what is no checkpoint ------------------------------------------------
+
+
+def status(path: Path, timeout: float = 30) -> tuple[int, str, str]:
+    done = run_cli(["status", str(path)], timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_status_names_a_directory_a_fifo_and_a_missing_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = {
+        tmp_path / "missing": "no such file",
+        tmp_path: "is a directory",
+        fifo: "is not a regular file (a pipe or a device?)",
+    }
+    for path, reason in cases.items():
+        rc, stdout, stderr = status(path)
+        assert (rc, stdout) == (2, ""), stderr
+        assert stderr == f"batchlog: error: checkpoint {path}: {reason}\n"
+
+
+def test_status_on_a_file_that_is_no_checkpoint_is_a_usage_error(tmp_path: Path) -> None:
+    files = {
+        "empty": b"",
+        "binary": bytes(range(256)) * 64,
+        "manifest": orjson.dumps(inputs_record("r1", "ds")) + b"\n",
+        "json": b'{"batchlog_checkpoint": "x"}\n',
+        "one huge line": b"x" * (9 << 20),  # no newline: the header is never this long
+    }
+    for name, data in files.items():
+        path = tmp_path / name.replace(" ", "-")
+        path.write_bytes(data)
+        rc, stdout, stderr = status(path)
+        assert (rc, stdout) == (2, ""), (name, stderr)
+        assert stderr.count("\n") == 1 and str(path) in stderr, (name, stderr)
+        assert stderr.startswith("batchlog: error: ") and "internal error" not in stderr, name
+        assert path.read_bytes() == data, name
+
+
+def test_status_reads_a_torn_checkpoint_without_changing_it(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(10, runs=2))
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 0
+    checkpoint = tmp_path / "m.batchlog-checkpoint"
+    with open(checkpoint, "ab") as f:
+        f.write(b'{"torn":')
+    before = checkpoint.read_bytes()
+    rc, stdout, stderr = status(checkpoint)
+    assert rc == 0, stderr
+    assert "10 succeeded" in stdout
+    assert "cut off" not in stderr and "tail of 8 bytes" in stderr, stderr
+    assert checkpoint.read_bytes() == before
+
+
+def test_status_never_opens_a_manifest_that_is_a_fifo(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """The checkpoint of a job fed through a named pipe: status must not wait for a writer."""
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(4, runs=1))
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 0
+    checkpoint = tmp_path / "m.batchlog-checkpoint"
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    first, rest = checkpoint.read_bytes().split(b"\n", 1)
+    header = first.rsplit(b"|", 1)[0].replace(str(manifest).encode(), str(fifo).encode())
+    checkpoint.write_bytes(b"%s|%08x\n" % (header, zlib.crc32(header)) + rest)
+    unblock = threading.Timer(20, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    try:
+        rc, stdout, stderr = status(checkpoint)
+    finally:
+        unblock.cancel()
+    assert rc == 0, stderr
+    assert "pending unknown" in stdout, stdout
