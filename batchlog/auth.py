@@ -169,7 +169,8 @@ def _read_profile(config_file: str, name: str) -> _Profile:
         raise ConfigurationError(f"OCI config {config_file} [{name}]: {_unreadable(exc)}") from None
     if name not in parser:
         raise ConfigurationError(
-            f"profile {name!r} not found in {config_file}: set --profile or OCI_CLI_PROFILE"
+            f"profile {name!r} not found in {config_file} ({_profiles(parser)}): "
+            "set --profile or OCI_CLI_PROFILE"
         )
     profile = _Profile(config_file, name, dict(parser[name]), _layout(text, name))
     if "key_content" in profile.values:  # as the oci package: a key belongs in its own file
@@ -178,6 +179,16 @@ def _read_profile(config_file: str, name: str) -> _Profile:
             "give key_file"
         )
     return profile
+
+
+def _profiles(parser: configparser.ConfigParser, shown: int = 20) -> str:
+    """The profiles a config has, by name only (never a value), for a profile not found."""
+    names = (["DEFAULT"] if parser.defaults() else []) + parser.sections()
+    if not names:
+        return "it has no profiles"
+    listed = [n if n.isprintable() and len(n) <= 64 else repr(n[:64]) for n in names[:shown]]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"profiles in it: {', '.join(listed)}{more}"
 
 
 def _layout(text: str, profile: str) -> _Layout:

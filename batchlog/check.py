@@ -1,7 +1,11 @@
-"""Offline looks at a job: validate manifests (no network), and the status of a checkpoint."""
+"""Offline looks at a job: validate manifests, plan an upload (``--dry-run``: the requests
+a run would send, from the manifests and the checkpoint alone), and the status of a
+checkpoint. No network, no credentials, and never a write."""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,12 +14,32 @@ import orjson
 
 from batchlog.errors import CheckpointError, ConfigurationError
 from batchlog.files import MIB, UnusableFile, check_regular
-from batchlog.journal import ResumePoint, line_hash, read_checkpoint, record_key
-from batchlog.manifest import STDIN, check_readable, read_lines
-from batchlog.plan import Grouper, GroupLimits
-from batchlog.records import Rejection
-from batchlog.target import OciTarget, without_userinfo
-from batchlog.validate import parse_manifests
+from batchlog.job import READ_BATCH, calls_to_send, check_done_lines
+from batchlog.journal import (
+    ResumePoint,
+    line_hash,
+    manifest_of,
+    read_checkpoint,
+    record_key,
+    record_of,
+)
+from batchlog.manifest import (
+    STDIN,
+    Boundary,
+    ManifestChanged,
+    ManifestReader,
+    check_readable,
+    display_name,
+    read_lines,
+)
+from batchlog.plan import Call, Grouper, GroupLimits
+from batchlog.records import Record, Rejection
+from batchlog.target import MlflowTarget, OciTarget, Target, mlflow_target, without_userinfo
+from batchlog.validate import parse_line, parse_manifests
+
+log = logging.getLogger("batchlog")
+
+PLANNED_ENDPOINT = "https://planned.invalid"  # a dry run's stand-in: nothing is sent there
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,225 @@ def check_manifests(
         calls += sum(1 for _ in grouper.add(item))
     calls += sum(1 for _ in grouper.flush())
     return CheckSummary(records, rejected, calls)
+
+
+# ---- planning an upload (--dry-run) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnownTarget:
+    """What a dry run knows of the target without credentials. ``identity``: the whole of
+    it (the checkpoint's ``target``), when every part is known; otherwise the parts given
+    (None: not given; an OCI endpoint comes from the profile's region, not read)."""
+
+    kind: str  # "oci-aidp" or "mlflow", as identities start
+    identity: str | None = None
+    site: str | None = None  # OCI: the endpoint (or "emulator")
+    platform_id: str | None = None
+    workspace: str | None = None
+
+    def matches(self, identity: str) -> bool:
+        if self.identity is not None:
+            return identity == self.identity
+        if not identity.startswith(self.kind + "/"):
+            return False
+        if self.kind != "oci-aidp":
+            return True
+        parts = identity[len(self.kind) + 1 :].rsplit("/", 2)  # site/platform/workspace
+        given = (self.site, self.platform_id, self.workspace)
+        return len(parts) == 3 and all(
+            g is None or g == p for g, p in zip(given, parts, strict=True)
+        )
+
+    def token_target(self, identity: str) -> Target:
+        """A target whose retry tokens are the real run's (tokens name the workspace, or
+        the MLflow server): the parts given, the rest from the checkpoint's ``identity``.
+        Only those tokens are used, to check calls in doubt; nothing is sent to it."""
+        if self.kind == "mlflow":
+            try:
+                return mlflow_target(identity.removeprefix("mlflow/"))
+            except ConfigurationError:
+                return MlflowTarget("http://127.0.0.1")
+        parts = identity.removeprefix("oci-aidp/").rsplit("/", 2)
+        platform, workspace = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
+        return OciTarget(
+            PLANNED_ENDPOINT,
+            self.platform_id or platform or "-",
+            self.workspace or workspace or "-",
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``upload`` would do, as far as the manifests and the checkpoint tell."""
+
+    records: int  # records of the job, those earlier runs finished included
+    done: int  # finished by earlier runs (succeeded, failed or rejected)
+    to_send: int  # valid records not finished: a run sends them
+    invalid: int  # lines a run would reject (not yet rejected by an earlier run)
+    requests: int  # calls a run would send, merging included (before retries)
+    in_doubt: int  # of those, calls an earlier run sent and never saw answered
+    unsuccessful_before: int  # records earlier runs failed or rejected (in the dead letter)
+    checkpoint: str  # what a run does with the checkpoint, in words
+
+
+def plan_upload(
+    manifests: list[str],
+    checkpoint: str,
+    known: KnownTarget,
+    target: Target | None,
+    grouping: GroupLimits,
+    restart: bool,
+    on_rejection: Callable[[Rejection], None],
+) -> Plan:
+    """The requests an upload would send, with the Grouper and the checkpoint as the job
+    uses them: records the checkpoint says are done are skipped, calls an earlier run left
+    in doubt are formed again as they were. ``target``: the real one when known (else the
+    tokens are taken from the checkpoint). Read only: the checkpoint is never changed
+    (a torn tail stays for the run to cut off), and no lock is taken.
+
+    Raises CheckpointError (ManifestChanged included) where a run would refuse to start.
+    """
+    check_readable(manifests)
+    point, said, identity = _resume_point(manifests, checkpoint, known, grouping, restart)
+    if target is None:
+        target = known.token_target(identity)
+    sent = {key: doubt.records for key, doubt in point.doubt.items()}
+    grouper = Grouper(target, grouping, sent)
+    counts = {"to_send": 0, "invalid": 0, "requests": 0, "in_doubt": 0}
+
+    def count(calls: list[Call]) -> None:
+        for call in calls:
+            for unfinished in calls_to_send(target, call, point):
+                counts["requests"] += 1
+                counts["in_doubt"] += unfinished.records[0].seq in point.doubt
+
+    for index, path in enumerate(manifests):
+        mark = point.marks[index] if index < len(point.marks) else Boundary()
+        reader = ManifestReader(path, index, mark, wait=True)
+        try:
+            try:
+                reader.check_prefix()
+                check_done_lines(path, index, mark, point.done)
+            except ManifestChanged as exc:
+                raise ManifestChanged(
+                    f"{exc}, according to checkpoint {checkpoint}: use --restart to start "
+                    "this job over, or give another --checkpoint for a new job"
+                ) from None
+            _plan_manifest(reader, grouper, point, checkpoint, counts, on_rejection, count)
+        finally:
+            reader.close()
+        count(list(grouper.flush()))  # a call never spans two manifests
+    c = point.counts
+    return Plan(
+        records=point.finished + counts["to_send"] + counts["invalid"],
+        done=point.finished,
+        to_send=counts["to_send"],
+        invalid=counts["invalid"],
+        requests=counts["requests"],
+        in_doubt=counts["in_doubt"],
+        unsuccessful_before=c.failed + c.rejected,
+        checkpoint=said,
+    )
+
+
+def _plan_manifest(
+    reader: ManifestReader,
+    grouper: Grouper,
+    point: ResumePoint,
+    checkpoint: str,
+    counts: dict[str, int],
+    on_rejection: Callable[[Rejection], None],
+    count: Callable[[list[Call]], None],
+) -> None:
+    """One manifest, line by line as the job's producer goes through it."""
+    index, name = reader.index, display_name(reader.path)
+    while True:
+        lines, boundary = reader.batch(READ_BATCH)
+        if not lines and boundary is None and not reader.blocked:
+            break
+        for line in lines:
+            key = record_key(index, line.record)
+            source = f"{name}:{line.number}"
+            item: Record | Rejection = (
+                Rejection(key, source, line.raw, "(line)", line.problem)
+                if line.problem
+                else parse_line(line.raw, key, source)
+            )
+            known = point.done.get(key)
+            if known is not None:  # finished by an earlier run
+                if known != line_hash(line.raw):
+                    raise ManifestChanged(
+                        f"{name}:{line.number} changed since checkpoint {checkpoint} recorded "
+                        "it as done; use --restart to start over"
+                    )
+            elif isinstance(item, Rejection):
+                counts["invalid"] += 1
+                on_rejection(item)
+            else:
+                counts["to_send"] += 1
+            if isinstance(item, Record):  # finished ones too: calls are formed as before
+                count(list(grouper.add(item)))
+    if reader.partial:
+        log.warning(
+            "%s:%d has no newline and is not a whole JSON document (still being written?): "
+            "a run leaves it for the next one",
+            name,
+            reader.partial,
+        )
+    gone = [
+        k for k in point.done if manifest_of(k) == index and record_of(k) >= reader.records_read
+    ]
+    if gone:
+        raise ManifestChanged(
+            f"{name} ends after {reader.records_read:,} records, but an earlier run "
+            f"uploaded its record {record_of(max(gone)) + 1:,}: it was cut short since; "
+            "use --restart to start over"
+        )
+
+
+def _resume_point(
+    manifests: list[str],
+    checkpoint: str,
+    known: KnownTarget,
+    grouping: GroupLimits,
+    restart: bool,
+) -> tuple[ResumePoint, str, str]:
+    """Where a run would start, read only, as the journal opens it: the point, what a run
+    does with the checkpoint (in words), and the target the checkpoint names."""
+    fresh = ResumePoint(marks=[Boundary() for _ in manifests])
+    if restart:
+        return fresh, f"{checkpoint} would be started over (--restart): everything is sent", ""
+    try:
+        empty = not os.path.exists(checkpoint) or os.path.getsize(checkpoint) == 0
+    except OSError:
+        empty = True
+    if empty:
+        return fresh, f"{checkpoint} does not exist yet: a new job", ""
+    header, point = _read_only(checkpoint)
+    identity = without_userinfo(str(header.get("target", "")))
+    c = point.counts
+    hint = "use --restart to start over, or give another --checkpoint"
+    if not known.matches(str(header.get("target", ""))):
+        if not (c.succeeded or c.failed or point.doubt):  # as the journal: nothing reached it
+            return fresh, f"{checkpoint} names another target and holds nothing: a new job", ""
+        raise CheckpointError(
+            f"checkpoint {checkpoint} belongs to another target ({identity}); {hint}"
+        )
+    old = header.get("manifests")
+    if old != manifests:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was written for manifests {old}, not {manifests}; {hint}"
+        )
+    wanted = {"max_datasets": grouping.max_datasets, "max_body": grouping.max_body}
+    if header.get("grouping") != wanted and (point.finished or point.doubt):
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was written with grouping {header.get('grouping')}; "
+            f"resuming with {wanted} would change retry tokens; "
+            f"use the same --max-datasets-per-request, or {hint}"
+        )
+    said = f"{checkpoint} (read, not changed): {point.finished:,} records done, for {identity}"
+    return point, said, identity
 
 
 @dataclass(frozen=True)

@@ -5,29 +5,41 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
-import logging
+import difflib
 import math
 import os
+import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 import orjson
 
-from batchlog.check import check_manifests, checkpoint_status
+from batchlog.check import (
+    PLANNED_ENDPOINT,
+    KnownTarget,
+    check_manifests,
+    checkpoint_status,
+    plan_upload,
+)
+from batchlog.console import Console, console_of, json_requested
 from batchlog.errors import (
     BUG_ADVICE,
     BatchlogError,
+    CheckpointError,
     ConfigurationError,
     internal_error,
     redact,
 )
 from batchlog.files import MIB, UnusableFile, read_capped
 from batchlog.job import Job
+from batchlog.manifest import STDIN, display_name
 from batchlog.plan import GroupLimits
 from batchlog.records import Rejection
 from batchlog.report import (
@@ -36,8 +48,6 @@ from batchlog.report import (
     EXIT_SOME_FAILED,
     EXIT_SYSTEMIC,
     EXIT_USAGE,
-    Counters,
-    Report,
 )
 from batchlog.retry import RetryPolicy
 from batchlog.settings import (
@@ -58,6 +68,7 @@ from batchlog.signing import KeySource, StaticKey
 from batchlog.target import (
     MlflowTarget,
     OciTarget,
+    Target,
     check_endpoint,
     check_ids,
     mlflow_target,
@@ -65,38 +76,146 @@ from batchlog.target import (
 )
 from batchlog.verify import verify
 
+if TYPE_CHECKING:
+    from batchlog.emulator.rehearsal import Files
+
 EMULATED_PLATFORM = "ocid1.aidataplatform.oc1..emulator"
 EMULATED_WORKSPACE = "emulator"
 EMULATED_KEY_ID = "emulator/batchlog/throwaway"
 
 
+class UsageError(ConfigurationError):
+    """A command line that cannot be run: one line, then where the help is."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command  # the subcommand whose help to point at (None: batchlog's)
+
+    @property
+    def hint(self) -> str:
+        return f"see 'batchlog {self.command} --help'" if self.command else "see 'batchlog --help'"
+
+
 class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and where the help is: no usage block above the line that
+    matters. The top-level parser also names every missing required flag at once."""
+
+    commands: dict[str, argparse.ArgumentParser]  # the top level's subcommands
+
     def error(self, message: str) -> Any:  # exit 2 with a clear message, as documented
-        self.print_usage(sys.stderr)
-        raise ConfigurationError(message)
+        if message.endswith("required: command"):  # argparse's words for no subcommand
+            message = "give a command: " + _and(list(self.commands), "or")
+        raise UsageError(message, self.prog.partition(" ")[2] or None)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed, extra = self.parse_known_args(args, namespace)
+        command = getattr(parsed, "command", None)
+        if extra:
+            raise UsageError(self._unrecognized(command, extra), command)
+        if command is not None:
+            _check_required(parsed)
+        return parsed
+
+    def _unrecognized(self, command: str | None, extra: list[str]) -> str:
+        """argparse's message, naming the flags only (the value after a misspelt flag may be
+        a password), with the flag a misspelt one resembles."""
+        named = [word.partition("=")[0] for word in extra if word.startswith("-")]
+        if named:
+            values = len(extra) - len(named)
+            message = "unrecognized arguments: " + " ".join(_glimpse(f) for f in named)
+            message += f" (and {values} value{'s' * (values > 1)})" if values else ""
+        else:
+            shown = (_glimpse(redact(word)) for word in extra)  # redacted whole, then cut
+            message = "unrecognized arguments: " + " ".join(shown)
+        parser = self.commands.get(command or "", self)
+        flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
+        for word in extra:
+            if word.startswith("--"):
+                near = difflib.get_close_matches(word.partition("=")[0], flags, n=1, cutoff=0.8)
+                if near:
+                    return f"{message} (did you mean {near[0]}?)"
+        return message
+
+
+def _glimpse(text: str) -> str:
+    """A word of the command line as a message shows it: 5000 digits are not echoed whole."""
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+def _and(words: list[str], last: str = "and") -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
+# the flags a command cannot run without, and the variable that can stand for each
+_ENV = {
+    "--platform-id": "BATCHLOG_PLATFORM_ID",
+    "--workspace": "BATCHLOG_WORKSPACE",
+    "--tracking-uri": "MLFLOW_TRACKING_URI",
+}
+
+
+def _check_required(args: argparse.Namespace) -> None:
+    """Every missing required flag in one line, not one per run; and the --emulate-*
+    options only with --emulate."""
+    if args.command == "upload" and not args.emulate:
+        stray = [name for name in _EMULATE_OPTIONS if getattr(args, name) is not None]
+        if stray:
+            flags = [f"--{name.replace('_', '-')}" for name in stray]
+            verb = "is" if len(flags) == 1 else "are"
+            raise UsageError(f"{_and(flags)} {verb} for --emulate: add it", "upload")
+    missing: list[str] = []
+    if args.command in ("upload", "verify") and not args.manifests:
+        missing.append("MANIFEST")
+    offline = args.command == "upload" and (args.emulate or args.dry_run)
+    if args.command in ("upload", "verify") and not offline:
+        if args.target == "mlflow":
+            missing += [] if args.tracking_uri else ["--tracking-uri"]
+        elif args.command == "upload":
+            given = {"--platform-id": args.platform_id, "--workspace": args.workspace}
+            missing += [flag for flag, value in given.items() if not value]
+    if missing:
+        envs = [_ENV[flag] for flag in missing if flag in _ENV]
+        raise UsageError(
+            f"{_and(missing)} {'is' if len(missing) == 1 else 'are'} required"
+            + (f" (or env {', '.join(envs)})" if envs else ""),
+            args.command,
+        )
+
+
+_PORT = Bounds(0, 65_535, whole=True)
+_CHANCE = Bounds(0, 1)
+_LATENCY = Bounds(0, 600_000)  # milliseconds
+_SEED = Bounds(0, 2**32 - 1, whole=True)
+_EMULATE_OPTIONS = ("emulate_rate_limit", "emulate_latency_ms", "emulate_fail_rate")
+_MANIFESTS = "[options] MANIFEST [MANIFEST ...]"
 
 
 def _in(bounds: Bounds) -> Callable[[str], float]:
     """The argparse type of a number flag: ``bounds``, or exit 2 naming the flag and them."""
 
     def parse(text: str) -> float:
-        glimpse = text if len(text) <= 24 else text[:20] + "..."  # 5000 digits: a glimpse
         try:
             value: float = int(text) if bounds.whole else float(text)
         except ValueError:
             value = math.nan
         if value not in bounds:
-            raise argparse.ArgumentTypeError(f"{glimpse!r} is not {bounds}")
+            raise argparse.ArgumentTypeError(f"{_glimpse(text)!r} is not {bounds}")
         return value
 
     return parse
 
 
+# Help texts say each value flag's default: "%(default)s" (or "g" for floats) where argparse
+# holds it, words where it is computed (a path next to the manifest, a variable). A default
+# taken from the environment is never shown: MLFLOW_TRACKING_URI may hold a password.
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
         "-v", "--verbose", action="store_true", help="log every failure (by default the first 100)"
     )
+    _output_flags(common)
     p = _Parser(
         prog="batchlog",
         description="Bulk upload of MLflow run inputs and models.",
@@ -105,43 +224,77 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     up = sub.add_parser(
-        "upload", parents=[common], help="upload manifests (resumes from the checkpoint)"
+        "upload",
+        parents=[common],
+        usage=f"%(prog)s {_MANIFESTS}",
+        help="upload manifests (resumes from the checkpoint)",
     )
-    up.add_argument("manifests", nargs="+", metavar="MANIFEST", help="JSON Lines, .gz, or -")
+    up.add_argument(
+        "manifests",
+        nargs="*",  # required, but checked with the flags: every one missing named at once
+        metavar="MANIFEST",
+        help="JSON Lines file, .gz, or - for stdin",
+    )
     t = up.add_argument_group("target")
     _target_flags(t)
     t.add_argument(
         "--platform-id",
+        metavar="OCID",
         default=os.environ.get("BATCHLOG_PLATFORM_ID"),
-        help="AI Data Platform OCID (env BATCHLOG_PLATFORM_ID)",
+        help="AI Data Platform OCID (required; default: env BATCHLOG_PLATFORM_ID)",
     )
     t.add_argument(
         "--workspace",
+        metavar="KEY",
         default=os.environ.get("BATCHLOG_WORKSPACE"),
-        help="workspace key (env BATCHLOG_WORKSPACE)",
+        help="workspace key (required; default: env BATCHLOG_WORKSPACE)",
     )
-    t.add_argument("--endpoint", help="https://HOST[:PORT]; default from the profile's region")
-    t.add_argument("--ca-bundle", help="PEM file of CAs to trust (private CAs)")
-    t.add_argument("--user-principal", help="send as the dh-user-principal header")
+    t.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="https://HOST[:PORT] (default: the endpoint of the profile's region)",
+    )
+    t.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="PEM file of CAs to trust, for private CAs (default: the system's)",
+    )
+    t.add_argument(
+        "--user-principal",
+        metavar="P",
+        help="send as the dh-user-principal header (default: not sent)",
+    )
     a = up.add_argument_group("auth")
     a.add_argument(
         "--auth",
         default="api_key",
         choices=("api_key", "security_token", "instance_principal", "resource_principal"),
+        help="how requests are signed (default: %(default)s)",
     )
-    a.add_argument("--config-file", help="OCI config (default OCI_CONFIG_FILE or ~/.oci/config)")
-    a.add_argument("--profile", help="OCI config profile (default OCI_CLI_PROFILE or DEFAULT)")
+    a.add_argument(
+        "--config-file",
+        metavar="FILE",
+        help="OCI config (default: env OCI_CONFIG_FILE, else ~/.oci/config)",
+    )
+    a.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="OCI config profile (default: env OCI_CLI_PROFILE, else DEFAULT)",
+    )
     r = up.add_argument_group("pace")
     r.add_argument(
         "--concurrency",
+        metavar="N",
         type=_in(CONCURRENCY),
         default=32,
-        help=f"requests in flight at most (32; {CONCURRENCY.span})",
+        help=f"requests in flight at most (default: %(default)s; {CONCURRENCY.span})",
     )
     r.add_argument(
         "--rate",
+        metavar="R",
         type=_in(RATE),
-        help=f"requests per second at most; without it the rate adapts to the server ({RATE.span})",
+        help="requests per second at most (default: none, the rate adapts to the server; "
+        f"{RATE.span})",
     )
     r.add_argument(
         "--no-adaptive",
@@ -150,83 +303,151 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--max-attempts",
+        metavar="N",
         type=_in(MAX_ATTEMPTS),
         default=8,
-        help=f"attempts per request (8; {MAX_ATTEMPTS.span})",
+        help=f"attempts per request (default: %(default)s; {MAX_ATTEMPTS.span})",
     )
     r.add_argument(
         "--timeout",
+        metavar="S",
         type=_in(TIMEOUT),
         default=60.0,
-        help=f"seconds for one attempt (60; {TIMEOUT.span})",
+        help=f"seconds for one attempt (default: %(default)g; {TIMEOUT.span})",
     )
     r.add_argument(
         "--max-datasets-per-request",
+        metavar="N",
         type=_in(MAX_DATASETS),
         default=100,
-        help=f"merge consecutive log-inputs of a run up to this many datasets (100; "
-        f"{MAX_DATASETS.span})",
+        help="merge consecutive log-inputs of a run up to this many datasets "
+        f"(default: %(default)s; {MAX_DATASETS.span})",
     )
     f = up.add_argument_group("files")
     f.add_argument(
-        "--checkpoint", help="journal of finished records (default: next to the first manifest)"
+        "--checkpoint",
+        metavar="PATH",
+        help="journal of finished records (default: next to the first manifest, printed)",
     )
-    f.add_argument("--dead-letter", help="records that did not succeed, as a manifest")
+    f.add_argument(
+        "--dead-letter",
+        metavar="PATH",
+        help="records that did not succeed, as a manifest (default: next to the first "
+        "manifest, printed)",
+    )
     f.add_argument("--restart", action="store_true", help="ignore the checkpoint, start over")
-    f.add_argument("--report", help="write the final report as JSON to this file")
+    f.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write the final report as JSON to this file (default: none)",
+    )
     f.add_argument(
         "--grace",
+        metavar="S",
         type=_in(GRACE),
         default=10.0,
-        help=f"seconds in-flight requests get on SIGINT/SIGTERM (10; {GRACE.span})",
-    )
-    up.add_argument(
-        "--emulate",
-        action="store_true",
-        help="start the built-in emulator on loopback and upload to it",
+        help=f"seconds in-flight requests get on SIGINT/SIGTERM (default: %(default)g; "
+        f"{GRACE.span})",
     )
     up.add_argument("--dry-run", action="store_true", help="validate and plan, send nothing")
+    em = up.add_argument_group("rehearsal")
+    em.add_argument(
+        "--emulate",
+        action="store_true",
+        help="start the built-in emulator on loopback and upload to it (checkpoint of its own)",
+    )
+    em.add_argument(
+        "--emulate-rate-limit",
+        metavar="R",
+        type=_in(RATE),
+        help=f"the emulator answers 429 above this many requests per second (default: no "
+        f"limit; {RATE.span})",
+    )
+    em.add_argument(
+        "--emulate-latency-ms",
+        metavar="MS",
+        type=_in(_LATENCY),
+        help=f"milliseconds the emulator adds to every answer (default: 0; {_LATENCY.span})",
+    )
+    em.add_argument(
+        "--emulate-fail-rate",
+        metavar="P",
+        type=_in(_CHANCE),
+        help=f"share of calls the emulator answers 500, before applying them (default: 0; "
+        f"{_CHANCE.span})",
+    )
 
     vf = sub.add_parser(
-        "verify", parents=[common], help="read every run back from MLflow: what is missing"
+        "verify",
+        parents=[common],
+        usage=f"%(prog)s --target mlflow {_MANIFESTS}",
+        help="read every run back from MLflow: what is missing",
     )
-    vf.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    vf.add_argument(
+        "manifests", nargs="*", metavar="MANIFEST", help="JSON Lines file, .gz, or - for stdin"
+    )
     _target_flags(vf)
     vf.add_argument(
         "--concurrency",
+        metavar="N",
         type=_in(CONCURRENCY),
         default=16,
-        help=f"runs read at once at most (16; {CONCURRENCY.span})",
+        help=f"runs read at once at most (default: %(default)s; {CONCURRENCY.span})",
     )
 
     v = sub.add_parser("validate", parents=[common], help="check manifests, no network")
-    v.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    v.add_argument(
+        "manifests", nargs="+", metavar="MANIFEST", help="JSON Lines file, .gz, or - for stdin"
+    )
 
     s = sub.add_parser(
         "status", parents=[common], help="what a checkpoint says is done, failed, pending"
     )
-    s.add_argument("checkpoint")
-    s.add_argument("--dead-letter", help="dead-letter file, to count failed runs")
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint file of a job")
+    s.add_argument(
+        "--dead-letter",
+        metavar="FILE",
+        help="dead-letter file, to count failed runs (default: the one the checkpoint names)",
+    )
 
     e = sub.add_parser("emulator", parents=[common], help="serve the emulator on loopback")
-    port, chance = Bounds(0, 65_535, whole=True), Bounds(0, 1)
     e.add_argument(
         "--port",
-        type=_in(port),
+        metavar="PORT",
+        type=_in(_PORT),
         default=8080,
-        help=f"loopback port (8080; {port.span}, 0: any free)",
+        help=f"loopback port (default: %(default)s; {_PORT.span}, 0: any free)",
     )
-    e.add_argument("--public-key", help="PEM public key: verify signatures (default: accept)")
-    e.add_argument("--known-runs", help="file with one run id a line (others: 404)")
     e.add_argument(
-        "--rate-limit", type=_in(RATE), help=f"requests per second (429 above; {RATE.span})"
+        "--write-config",
+        metavar="DIR",
+        help="write a throwaway key and an OCI config for it into DIR, kept, and print the "
+        "upload command that works against the emulator (default: a temporary directory, "
+        "removed when the emulator stops)",
     )
-    latency = Bounds(0, 600_000)
+    e.add_argument(
+        "--public-key",
+        metavar="FILE",
+        help="PEM public key: verify signatures with it, write no config (default: the "
+        "throwaway key's)",
+    )
+    e.add_argument(
+        "--known-runs",
+        metavar="FILE",
+        help="file with one run id a line, others 404 (default: every run)",
+    )
+    e.add_argument(
+        "--rate-limit",
+        metavar="R",
+        type=_in(RATE),
+        help=f"requests per second, 429 above (default: no limit; {RATE.span})",
+    )
     e.add_argument(
         "--latency-ms",
-        type=_in(latency),
+        metavar="MS",
+        type=_in(_LATENCY),
         default=0.0,
-        help=f"milliseconds added to every answer ({latency.span})",
+        help=f"milliseconds added to every answer (default: %(default)g; {_LATENCY.span})",
     )
     for flag, what in (
         ("--fail-before", "chance of 500 before apply"),
@@ -234,11 +455,47 @@ def build_parser() -> argparse.ArgumentParser:
         ("--reset-after", "chance of a connection reset after apply"),
         ("--throttle-once", "chance a new retry token gets one 429"),
     ):
-        e.add_argument(flag, type=_in(chance), default=0.0, help=f"{what} ({chance.span})")
+        e.add_argument(
+            flag,
+            metavar="P",
+            type=_in(_CHANCE),
+            default=0.0,
+            help=f"{what} (default: %(default)g; {_CHANCE.span})",
+        )
     e.add_argument("--no-effects", action="store_true", help="count applies, keep no list")
-    seed = Bounds(0, 2**32 - 1, whole=True)
-    e.add_argument("--seed", type=_in(seed), help=f"for the chances above ({seed.span})")
+    e.add_argument(
+        "--seed",
+        metavar="N",
+        type=_in(_SEED),
+        help=f"for the chances above (default: random; {_SEED.span})",
+    )
+    p.commands = dict(sub.choices)
     return p
+
+
+def _output_flags(common: argparse.ArgumentParser) -> None:
+    # no default: one given before the command is not undone by the command's own default
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="errors only on stderr: no progress, no line per failure, the summary only "
+        "when the run did not succeed (the --log-file still gets everything)",
+    )
+    common.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="text (default), or json: one JSON object per line on stderr for each event "
+        "(progress every 5 s, each failure, warnings, the summary)",
+    )
+    common.add_argument(
+        "--log-file",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="also append every event to PATH, in --log-format, whatever -q says",
+    )
 
 
 def _target_flags(group: Any) -> None:
@@ -246,12 +503,13 @@ def _target_flags(group: Any) -> None:
         "--target",
         choices=("oci", "mlflow"),
         default="oci",
-        help="Oracle AI Data Platform (default) or an MLflow tracking server",
+        help="Oracle AI Data Platform (oci) or an MLflow tracking server (default: %(default)s)",
     )
     group.add_argument(
         "--tracking-uri",
+        metavar="URI",
         default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="with --target mlflow (env MLFLOW_TRACKING_URI)",
+        help="the MLflow server, with --target mlflow (default: env MLFLOW_TRACKING_URI)",
     )
 
 
@@ -306,7 +564,7 @@ def _settings(
     platform: str,
     workspace: str,
     site: str = "",
-    target: MlflowTarget | None = None,
+    target: Target | None = None,
 ) -> Settings:
     return Settings(
         target=target or OciTarget(endpoint, platform, workspace, site=site),
@@ -356,7 +614,15 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         from batchlog.emulator import Emulator, EmulatorConfig
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        emulator = Emulator(EmulatorConfig(public_key=key.public_key(), key_id=EMULATED_KEY_ID))
+        emulator = Emulator(
+            EmulatorConfig(
+                public_key=key.public_key(),
+                key_id=EMULATED_KEY_ID,
+                rate_limit=args.emulate_rate_limit,
+                latency=(args.emulate_latency_ms or 0) / 1000,
+                fail_before=args.emulate_fail_rate or 0.0,
+            )
+        )
         url = await emulator.start()
         # a rehearsal never shares a checkpoint with the real upload: its own files, and
         # a target identity of its own (the port changes from run to run)
@@ -372,11 +638,11 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
             checkpoint=args.checkpoint or default_checkpoint(args.manifests, "emulated"),
             dead_letter=args.dead_letter or default_dead_letter(args.manifests, "emulated"),
         )
-        print(f"batchlog: emulator listening on {url} (signatures verified)", file=out)
+        print(f"batchlog: emulator listening on {url} ({_emulated(args)})", file=out)
     else:
         settings = _real_settings(args)
     try:
-        job = Job(args.manifests, settings, on_progress=_Progress(out))
+        job = Job(args.manifests, settings, on_progress=console_of(out).progress)
         check_output_paths(
             args.manifests,
             checkpoint=job.checkpoint_path,
@@ -384,8 +650,7 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
             report=args.report,
         )
         job.open()
-        print(f"batchlog: checkpoint {job.checkpoint_path}", file=out)
-        print(f"batchlog: dead letter {job.dead_letter_path}", file=out)
+        _print_paths(args, job.checkpoint_path, job.dead_letter_path, out)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, job, out)
             report = await job.run()
@@ -393,103 +658,63 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         if emulator is not None:
             await emulator.stop()
-    _print_report(report, out)
+    if report.records == 0 and report.exit_code == EXIT_OK:  # an empty manifest: no zeros
+        said = f"nothing to upload: {_holds_no_records(args.manifests)}"
+        console_of(out).emit("summary", report.as_dict(), [f"batchlog: {said}"])
+    else:
+        console_of(out).summary(report)
     if emulator is not None:
-        print(f"batchlog: emulator applied {emulator.state.applied} calls", file=out)
+        answered = emulator.state.statuses
+        print(
+            f"batchlog: emulator applied {emulator.state.applied} calls; answered "
+            f"{answered[429]} with 429, {answered[500]} with 500",
+            file=out,
+        )
     if args.report:
         try:
             with open(args.report, "wb") as f:
                 f.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         except OSError as exc:
-            print(f"batchlog: cannot write --report {args.report}: {exc.strerror}", file=out)
+            console_of(out).warning(f"cannot write --report {args.report}: {exc.strerror}")
     return report.exit_code
 
 
+def _emulated(args: argparse.Namespace) -> str:
+    """What the --emulate emulator does, in words."""
+    said = ["signatures verified"]
+    if args.emulate_rate_limit is not None:
+        said.append(f"rate limit {args.emulate_rate_limit:g}/s")
+    if args.emulate_latency_ms:
+        said.append(f"latency {args.emulate_latency_ms:g} ms")
+    if args.emulate_fail_rate:
+        said.append(f"{args.emulate_fail_rate * 100:g}% of calls answered 500")
+    return ", ".join(said)
+
+
 async def _watch_signals(job: Job, out: TextIO) -> None:
+    console = console_of(out)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         stopping = False
         async for signum in signals:
             name = signal.Signals(signum).name
             if stopping:  # unanswered calls are sent again on resume, with the same tokens
-                print(f"\nbatchlog: {name} again: stopping now", file=out)
+                console.signal(name, f"{name} again: stopping now")
             else:
-                print(
-                    f"\nbatchlog: {name}: reading no more records, finishing in-flight "
-                    "requests (again to stop at once)",
-                    file=out,
+                console.signal(
+                    name,
+                    f"{name}: reading no more records, finishing in-flight requests "
+                    "(again to stop at once)",
                 )
             stopping = True
             job.request_stop()
 
 
-class _Progress:
-    """A live line on a terminal; a summary line every few seconds otherwise."""
-
-    def __init__(self, out: TextIO) -> None:
-        self._out = out
-        self._tty = out.isatty()
-        self._last = time.monotonic()  # the first line after one interval, not at once
-
-    def __call__(self, c: Counters) -> None:
-        now = time.monotonic()
-        if now - self._last < (0.25 if self._tty else 5.0):
-            return
-        self._last = now
-        elapsed = max(now - c.started, 1e-9)
-        done = c.succeeded + c.failed + c.rejected
-        rate = "" if math.isinf(c.rate) else f" limit {c.rate:.0f}/s"
-        eta = c.eta()
-        left = "" if eta is None else f", ETA {_duration(eta)}"
-        line = (
-            f"{c.finished:,} done ({c.succeeded:,} ok, {c.failed:,} failed, "
-            f"{c.rejected:,} rejected, {c.skipped:,} skipped) {done / elapsed:,.0f} rec/s "
-            f"{c.throttled:,} throttled{rate} {c.in_flight} in flight{left}"
-        )
-        wait = c.retry_after_left()
-        if wait >= 1:
-            line += f", waiting {_duration(wait)} on the server's Retry-After"
-        if self._tty:
-            print("\r\033[K" + line, end="", file=self._out, flush=True)
-        else:
-            print("batchlog: " + line, file=self._out, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-def _print_report(r: Report, out: TextIO) -> None:
-    if out.isatty():
-        print(file=out)
-    print(
-        f"batchlog: {r.status}: {r.records:,} records: {r.succeeded:,} succeeded, "
-        f"{r.failed:,} failed, {r.rejected:,} rejected, {r.skipped:,} already done; "
-        f"{r.requests:,} requests, {r.retries:,} retries, {r.throttled:,} throttled, "
-        + (f"{r.read_backs:,} read back, " if r.read_backs else "")
-        + f"{r.elapsed_s:.1f} s",
-        file=out,
-    )
-    if r.message:
-        print(f"batchlog: {r.message}", file=out)
-    if r.unsuccessful_total:
-        here = r.failed + r.rejected
-        earlier = r.unsuccessful_total - here
-        when = f" ({here:,} in this run, {earlier:,} in earlier runs)" if earlier else ""
-        print(
-            f"batchlog: {r.unsuccessful_total:,} records of this job did not succeed{when}: "
-            f"they are in {r.dead_letter}; fix them and upload that file",
-            file=out,
-        )
-    if r.status in ("stopped", "interrupted"):  # a "failed" job's message says what to do
-        print("batchlog: run the same command again to resume", file=out)
-
-
 # ---- other commands ------------------------------------------------------------------------
+
+
+def _holds_no_records(manifests: list[str]) -> str:
+    names = ", ".join(display_name(m) for m in manifests)
+    return f"{names} {'holds' if len(manifests) == 1 else 'hold'} no records"
 
 
 def _validate(args: argparse.Namespace, out: TextIO) -> int:
@@ -497,6 +722,9 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
         print(str(rejection), file=sys.stdout)
 
     summary = check_manifests(args.manifests, show)
+    if not summary.records:
+        print(f"batchlog: no records in {', '.join(map(display_name, args.manifests))}", file=out)
+        return EXIT_OK
     print(
         f"batchlog: {summary.records:,} records, {summary.rejected:,} invalid, "
         f"{summary.calls:,} requests to send",
@@ -549,8 +777,12 @@ async def _verify(args: argparse.Namespace, out: TextIO) -> int:
 async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    from batchlog.emulator import Emulator, EmulatorConfig
+    from batchlog.emulator import Emulator, EmulatorConfig, rehearsal
 
+    if args.public_key and args.write_config:
+        raise ConfigurationError(
+            "--write-config writes a key of its own: give it or --public-key, not both"
+        )
     key = None
     if args.public_key:
         try:
@@ -566,9 +798,15 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
         except UnicodeDecodeError:
             raise ConfigurationError(f"--known-runs {args.known_runs}: not UTF-8 text") from None
         runs = frozenset(line.strip() for line in text.splitlines() if line.strip())
+    # without --public-key, a rehearsal as for real: a key of its own, its signatures
+    # verified, and only the platform and workspace the printed command names
+    identity = None if key else rehearsal.Identity.new()
     emulator = Emulator(
         EmulatorConfig(
-            public_key=key,  # type: ignore[arg-type]
+            public_key=identity.key.public_key() if identity else key,  # type: ignore[arg-type]
+            key_id=identity.key_id if identity else None,
+            platform_id=rehearsal.PLATFORM if identity else None,
+            workspace=rehearsal.WORKSPACE if identity else None,
             known_runs=runs,
             rate_limit=args.rate_limit,
             latency=args.latency_ms / 1000,
@@ -587,26 +825,64 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
         raise ConfigurationError(
             f"--port {args.port}: cannot listen on 127.0.0.1: {exc.strerror or exc}"
         ) from None
-    print(
-        f"batchlog emulator on {url} (Ctrl-C to stop); applied effects at {url}/_emulator/applied",
-        file=out,
-        flush=True,
-    )
+    temporary = None  # the directory made for the key and config, removed at the end
     try:
+        files = None
+        if identity is not None:
+            where = args.write_config
+            if where is None:
+                where = temporary = tempfile.mkdtemp(prefix="batchlog-emulator-")
+            files = rehearsal.write(where, identity)
+        print(
+            f"batchlog emulator on {url} (Ctrl-C to stop); applied effects at "
+            f"{url}/_emulator/applied",
+            file=out,
+            flush=True,
+        )
+        if files is not None:
+            kept = "removed when the emulator stops" if temporary else "kept"
+            print(
+                f"batchlog emulator: a throwaway key and an OCI config for it are in "
+                f"{files.directory} ({kept}); upload to the emulator with:",
+                file=out,
+            )
+            print("  " + _rehearsal_command(url, files), file=out, flush=True)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break
     finally:
         await emulator.stop()
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
     return EXIT_OK
 
 
-class _RedactingFormatter(logging.Formatter):
-    """Tracebacks (-v) with anything shaped like a credential cut out: they quote messages
-    batchlog did not write. batchlog's own messages never hold a secret."""
+def _rehearsal_command(url: str, files: Files) -> str:
+    """The upload command that works against the emulator, as a shell reads it. The
+    rehearsal keeps its checkpoint and dead letter beside the key: the real upload's
+    checkpoint, next to the manifest, is never touched by it."""
+    from batchlog.emulator import rehearsal
 
-    def formatException(self, ei: Any) -> str:
-        return redact(super().formatException(ei))
+    words = ["batchlog", "upload", "MANIFEST"]
+    words += ["--config-file", files.config, "--endpoint", url]
+    words += ["--platform-id", rehearsal.PLATFORM, "--workspace", rehearsal.WORKSPACE]
+    words += ["--checkpoint", files.checkpoint, "--dead-letter", files.dead_letter]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Every argument must be UTF-8 text: it goes into the checkpoint, reports and URLs.
+    (A file name in another encoding arrives with surrogate escapes.)"""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = "manifest" if name == "manifests" else "--" + name.replace("_", "-")
+                    raise ConfigurationError(
+                        f"{shown}: not valid UTF-8 (rename the file, or give text in UTF-8)"
+                    ) from None
 
 
 def _read_input(flag: str, path: str) -> bytes:
@@ -618,15 +894,34 @@ def _read_input(flag: str, path: str) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    out = out or sys.stderr
+    argv = sys.argv[1:] if argv is None else list(argv)
+    console = Console(out or sys.stderr, json=json_requested(argv))  # every line an event
+    try:
+        return _main(argv, console.out)
+    finally:
+        console.close()
+
+
+def _main(argv: list[str], out: TextIO) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _check_text(args)
+    except ConfigurationError as exc:
+        print(f"batchlog: error: {exc}", file=out)
+        if isinstance(exc, UsageError):  # the line that matters, then where help is
+            print(exc.hint, file=out)
+        return EXIT_USAGE
+    try:  # -q, -v, --log-file
+        console_of(out).configure(
+            getattr(args, "log_format", "text") == "json",  # given before or after the command
+            getattr(args, "quiet", False),
+            args.verbose,
+            getattr(args, "log_file", None),
+            _inputs_and_outputs(args),
+        )
     except ConfigurationError as exc:
         print(f"batchlog: error: {exc}", file=out)
         return EXIT_USAGE
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(_RedactingFormatter("batchlog: %(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
         if args.command == "upload":
             if args.dry_run:
@@ -655,12 +950,111 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_SYSTEMIC
 
 
+def _print_paths(args: argparse.Namespace, checkpoint: str, dead_letter: str, out: TextIO) -> None:
+    """Every file the job writes, before it sends anything."""
+    note = ""
+    if args.manifests[0] == STDIN and not args.checkpoint:
+        note = (
+            " (the default for - in this directory: give --checkpoint and --dead-letter "
+            "to keep another stdin job apart)"
+        )
+    print(f"batchlog: checkpoint {checkpoint}{note}", file=out)
+    try:
+        kept = os.path.getsize(dead_letter) > 0
+    except OSError:
+        kept = False
+    when = (
+        "(holds earlier runs' failures; new ones are added)"
+        if kept
+        else "(created on the first failure)"
+    )
+    print(f"batchlog: dead letter {dead_letter} {when}", file=out)
+    if args.report:
+        print(f"batchlog: report {args.report} (written at the end)", file=out)
+
+
 def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
-    if not args.emulate:
-        _real_settings(args)  # fail on configuration now, as a real run would
-    rc = _validate(args, out)
-    print("batchlog: dry run: nothing was sent", file=out)
+    """Plan the upload from the manifests and the checkpoint alone: no credentials, no
+    network, nothing written but --report. Exits as the run would if every request it
+    plans succeeded (1: invalid lines, or failures of earlier runs; 3: it would refuse)."""
+    target: Target | None = None
+    if args.emulate:  # the emulated run's own checkpoint and target identity
+        platform = args.platform_id or EMULATED_PLATFORM
+        workspace = args.workspace or EMULATED_WORKSPACE
+        target = OciTarget(PLANNED_ENDPOINT, platform, workspace, site="emulator")
+        known = KnownTarget("oci-aidp", identity=target.identity)
+        checkpoint = args.checkpoint or default_checkpoint(args.manifests, "emulated")
+        dead_letter = args.dead_letter or default_dead_letter(args.manifests, "emulated")
+    else:
+        if args.target == "mlflow":
+            if args.tracking_uri:  # the URI and MLflow's variables checked, none required
+                target = _mlflow_target(args)[0]
+            known = KnownTarget("mlflow", identity=target.identity if target else None)
+        else:  # what was given: the endpoint otherwise comes from a profile, not read
+            endpoint = check_endpoint(args.endpoint) if args.endpoint else None
+            platform, workspace = args.platform_id or None, args.workspace or None
+            known = KnownTarget("oci-aidp", None, endpoint, platform, workspace)
+            if platform and workspace:  # retry tokens name the workspace
+                target = OciTarget(endpoint or PLANNED_ENDPOINT, platform, workspace)
+                known = dataclasses.replace(known, identity=target.identity if endpoint else None)
+        checkpoint = args.checkpoint or default_checkpoint(args.manifests)
+        dead_letter = args.dead_letter or default_dead_letter(args.manifests)
+    stand_in = OciTarget(PLANNED_ENDPOINT, "-", "-")  # Settings check the flags; no target
+    settings = _settings(args, None, "", "", "", target=target or stand_in)
+    check_output_paths(
+        args.manifests, checkpoint=checkpoint, dead_letter=dead_letter, report=args.report
+    )
+
+    def show(rejection: Rejection) -> None:
+        print(str(rejection), file=sys.stdout)
+
+    try:
+        plan = plan_upload(
+            args.manifests, checkpoint, known, target, settings.grouping, args.restart, show
+        )
+    except CheckpointError as exc:
+        print(f"batchlog: dry run: a run would stop before sending anything: {exc}", file=out)
+        print("batchlog: dry run: nothing was sent", file=out)
+        return EXIT_SYSTEMIC
+    doubt = f" ({plan.in_doubt:,} sent before and never answered)" if plan.in_doubt else ""
+    print(f"batchlog: dry run: checkpoint {plan.checkpoint}", file=out)
+    said = (
+        f"{plan.records:,} records, {plan.invalid:,} invalid, {plan.done:,} already done, "
+        f"{plan.to_send:,} to send: {plan.requests:,} requests{doubt}"
+    )
+    if not plan.records:
+        said = f"nothing to upload: no records in {', '.join(map(display_name, args.manifests))}"
+    print(f"batchlog: dry run: {said}", file=out)
+    rc = EXIT_SOME_FAILED if plan.invalid or plan.unsuccessful_before else EXIT_OK
+    written = ""
+    if args.report:
+        doc = {
+            "version": 1,  # as the run's report (README, "Output for schedulers")
+            "dry_run": True,
+            "records": plan.records,
+            "invalid": plan.invalid,
+            "already_done": plan.done,
+            "to_send": plan.to_send,
+            "requests": plan.requests,
+            "requests_in_doubt": plan.in_doubt,
+            "checkpoint": checkpoint,
+            "dead_letter": dead_letter,
+            "exit_code": rc,
+        }
+        try:
+            with open(args.report, "wb") as f:
+                f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+            written = f"; the plan is in {args.report}"
+        except OSError as exc:
+            print(f"batchlog: cannot write --report {args.report}: {exc.strerror}", file=out)
+    print(f"batchlog: dry run: nothing was sent{written}", file=out)
     return rc
+
+
+def _inputs_and_outputs(args: argparse.Namespace) -> list[str]:
+    """Files the command reads or writes that a --log-file must not be."""
+    named = [getattr(args, name, None) for name in ("checkpoint", "dead_letter", "report")]
+    return [*getattr(args, "manifests", []), *(path for path in named if path)]
 
 
 def entrypoint() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -66,31 +66,55 @@ def _error_cuts(text: str, members: list[tuple[str, int, int]]) -> list[tuple[in
 
 
 class DeadLetter:
-    """Buffered appends, written and fsync'ed by the job's flush task before the journal."""
+    """Buffered appends, written and fsync'ed by the job's flush task before the journal.
+
+    The file (and its directory) is created by the first line written: a job where every
+    record succeeds leaves none behind.
+    """
 
     def __init__(self, path: str, set_aside: bool) -> None:
-        """Open for appending. ``set_aside``: the job starts afresh (a new checkpoint), so a
-        dead letter left at ``path`` by an earlier job is renamed, never mixed into this
-        one's (one line per record that did not succeed) and never lost."""
+        """``set_aside``: the job starts afresh (a new checkpoint), so a dead letter left at
+        ``path`` by an earlier job is renamed now, never mixed into this one's (one line per
+        record that did not succeed), never cut back by its resume, and never lost."""
         self.path = path
         self.count = 0  # lines added in this run
         self._buffer: list[bytes] = []  # lines not yet written
+        self._file: BinaryIO | None = None  # opened by the first write
         try:
-            parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, exist_ok=True)
             if set_aside and os.path.exists(path) and os.path.getsize(path) > 0:
-                aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-                os.replace(path, aside)
-                log.warning("an earlier dead letter was kept as %s (this job starts afresh)", aside)
-            created = not os.path.exists(path)
-            self._file = open(path, "ab", buffering=0)
-            self.size = self._file.seek(0, os.SEEK_END)  # bytes written, in the file
-            if created or set_aside:
-                durable.sync_directory(parent)  # the file's name survives a power cut
+                self.set_aside()
+            self.size = os.path.getsize(path) if os.path.exists(path) else 0  # bytes written
         except OSError as exc:
             raise DeadLetterError(
                 f"cannot open dead-letter file {path}: {exc.strerror or exc}"
             ) from None
+        _check_creatable(path)  # found now, before any request, not at the first failure
+
+    def set_aside(self) -> None:
+        """Rename the file at ``path`` (an earlier job's) to a name never used before."""
+        parent = os.path.dirname(os.path.abspath(self.path))
+        stem = f"{self.path}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        aside, n = stem, 1
+        while os.path.lexists(aside):  # two fresh starts within a second keep both
+            n += 1
+            aside = f"{stem}-{n}"
+        os.replace(self.path, aside)
+        durable.sync_directory(parent)  # the rename survives a power cut
+        log.warning("an earlier dead letter was kept as %s (this job starts afresh)", aside)
+        self.size = 0
+
+    def open_now(self) -> tuple[int, int]:
+        """Open (create) the file now; its (device, inode), for the journal's commit."""
+        st = os.fstat(self._open().fileno())
+        return (st.st_dev, st.st_ino)
+
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the file at ``path`` now; None if there is none."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def add(self, raw: bytes, error: dict[str, Any]) -> None:
         self._buffer.append(dead_letter_line(raw, error))
@@ -102,9 +126,9 @@ class DeadLetter:
         if self.size <= size:
             return
         try:
-            self._file.truncate(size)
-            self._file.seek(size)
-            os.fsync(self._file.fileno())
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+                os.fsync(f.fileno())
         except OSError as exc:
             raise DeadLetterError(
                 f"cannot cut dead-letter file {self.path} back to {size} bytes: "
@@ -120,16 +144,48 @@ class DeadLetter:
         return out
 
     def write(self, data: bytes) -> None:
-        """Append and fsync (blocking: call from a thread)."""
+        """Append and fsync (blocking: call from a thread); the first data creates the file."""
+        if not data:
+            return
         try:
-            durable.append(self._file, data)
+            handle = self._open()
+            durable.append(handle, data)
             self.size += len(data)
         except OSError as exc:
-            self.size = os.fstat(self._file.fileno()).st_size  # a part may have been written
+            if self._file is not None:  # a part may have been written
+                self.size = os.fstat(self._file.fileno()).st_size
             raise DeadLetterError(
                 f"cannot write dead-letter file {self.path}: {exc.strerror or exc}; "
                 "nothing journaled was lost, run the same command again once fixed"
             ) from None
 
+    def _open(self) -> BinaryIO:
+        if self._file is None:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            created = not os.path.exists(self.path)
+            self._file = open(self.path, "ab", buffering=0)
+            self.size = self._file.seek(0, os.SEEK_END)
+            if created:
+                durable.sync_directory(parent)  # the file's name survives a power cut
+        return self._file
+
     def close(self) -> None:
-        durable.close_quietly(self._file)
+        if self._file is not None:
+            durable.close_quietly(self._file)
+
+
+def _check_creatable(path: str) -> None:
+    """Raise DeadLetterError if ``path`` could not be written or created: the nearest
+    directory that exists on the way to it must be writable."""
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise DeadLetterError(f"cannot write dead-letter file {path}: permission denied")
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise DeadLetterError(f"cannot create dead-letter file {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DeadLetterError(f"cannot create dead-letter file {path}: cannot write in {folder}")

@@ -62,21 +62,27 @@ BUG_ADVICE = (
 # userinfo of a URL, a PEM block, a pass_phrase or password assignment, a JWT (OCI session
 # tokens), and any long unbroken run of base64 (keys, signatures, tokens).
 _SECRET_SHAPES = re.compile(
-    r"(?i:bearer|basic|signature)\s+[^\n]*"
+    r"(?i:authorization)['\"]?\s*[:=]\s*['\"]?[^'\"\n,}]+"
+    r"|(?i:bearer)\s+[\w.~+/-]{8,}=*"
+    r"|(?i:basic)\s+(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{6,}=*"
+    r"|(?i:signature)\s+(?:version|keyId|headers|algorithm|signature)=[^\n]*"
     r"|(?<=://)[^\s@]*(?=@)"
     r"|-----BEGIN[^-]*-----.*?(?:-----END[^-]*-----|$)"
     r"|(?i:pass_?phrase|password|passwd)(?:\s*[=:]\s*|\s+)[^\s,;]+"
     r"|(?i:token|secret|key_content)\s*[=:]\s*[^\s,;]+"
-    r"|\beyJ[\w-]+\.[\w-]+\.?[\w-]*"
-    r"|[A-Za-z0-9+/_-]{80,}={0,2}",
+    r"|\beyJ[\w-]+\.[\w-]+\.?[\w-]*",
     re.DOTALL,
 )
+_LONG_BASE64 = re.compile(r"[A-Za-z0-9+/_-]{80,}={0,2}")
 
 
-def redact(text: str) -> str:
+def redact(text: str, long_runs: bool = True) -> str:
     """``text`` with anything shaped like a credential replaced by ``[redacted]``.
 
     A last line of defence for text batchlog does not control (an unexpected exception's
-    message, a traceback shown with -v): batchlog's own messages never hold secrets.
+    message, a traceback shown with -v, a server's error message): batchlog's own messages
+    never hold secrets. ``long_runs``: also any run of 80 base64 characters (a key, a
+    signature); off for a server's messages, which may quote long ids or data.
     """
-    return _SECRET_SHAPES.sub("[redacted]", text)
+    text = _SECRET_SHAPES.sub("[redacted]", text)
+    return _LONG_BASE64.sub("[redacted]", text) if long_runs else text

@@ -31,7 +31,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchlog.deadletter import DeadLetter
-from batchlog.errors import BUG_ADVICE, BatchlogError, internal_error
+from batchlog.errors import BUG_ADVICE, BatchlogError, DeadLetterError, internal_error
 from batchlog.journal import (
     REJECTED,
     Journal,
@@ -51,7 +51,6 @@ from batchlog.manifest import (
     ManifestUnreadable,
     check_readable,
     display_name,
-    is_gzip,
     read_lines,
 )
 from batchlog.plan import Call, Grouper, split
@@ -60,7 +59,7 @@ from batchlog.records import Record, Rejection
 from batchlog.report import Counters, Report, Status
 from batchlog.retry import NO_ANSWER, NOT_THE_API, Answer
 from batchlog.settings import Settings, resolve_paths
-from batchlog.target import MlflowTarget
+from batchlog.target import MlflowTarget, Target
 from batchlog.transport import Transport
 from batchlog.validate import parse_line
 
@@ -107,7 +106,7 @@ class Job:
         self.manifests = manifests
         self.settings = settings
         self.checkpoint_path, self.dead_letter_path = resolve_paths(settings, manifests)
-        self._sizes = _sizes(manifests)  # bytes of each manifest, None if unknown (.gz, stdin)
+        self._sizes = _sizes(manifests)  # bytes of each manifest, None if unknown (stdin)
         known = [size for size in self._sizes if size is not None]
         self.counters = Counters(bytes_total=sum(known) if len(known) == len(self._sizes) else None)
         self._on_progress = on_progress
@@ -259,7 +258,7 @@ class Job:
             for reader in readers:  # every processed part is checked before any request
                 try:
                     reader.check_prefix()
-                    _check_done_lines(reader.path, reader.index, reader.start, point.done)
+                    check_done_lines(reader.path, reader.index, reader.start, point.done)
                 except ManifestChanged as exc:
                     raise ManifestChanged(
                         f"{exc}, according to checkpoint {self.checkpoint_path}: nothing was "
@@ -269,9 +268,7 @@ class Job:
             self._readers = readers
             self._dead = DeadLetter(self.dead_letter_path, set_aside=point.created)
             if not point.created:
-                # lines beyond what the journal accounts for were written just before a
-                # crash or a full disk: their records are processed and written again
-                self._dead.cut_to(point.dead_letter_size or 0)
+                self._own_dead_letter(self._dead, point)
         except BaseException:
             journal.close()
             for reader in self._readers:
@@ -279,6 +276,23 @@ class Job:
             raise
         self._journal = journal
         return point
+
+    def _own_dead_letter(self, dead: DeadLetter, point: ResumePoint) -> None:
+        """Lines beyond what the journal accounts for were written just before a crash or
+        a full disk: cut off, their records are processed and written again. But only in
+        the file this job wrote (found by review: a resume cut another job's dead letter
+        that had replaced it at the same path)."""
+        current, recorded = dead.identity(), point.dead_letter_id
+        if current is not None and recorded is not None and list(current) != recorded:
+            raise DeadLetterError(
+                f"dead letter {dead.path} is not the file this job wrote (replaced, or "
+                "written by another job with the same --dead-letter): move it away or give "
+                "this job its own --dead-letter; nothing was sent"
+            )
+        if current is not None and recorded is None and dead.size > (point.dead_letter_size or 0):
+            dead.set_aside()  # not known to be this job's: kept, never cut
+        else:
+            dead.cut_to(point.dead_letter_size or 0)
 
     # ---- producer ------------------------------------------------------------------------
 
@@ -346,7 +360,7 @@ class Job:
             if not lines and boundary is None and not reader.blocked:
                 break
             for line in lines:
-                c.bytes_read = before + line.end
+                c.bytes_read = before + reader.file_offset(line.end)
                 key = record_key(index, line.record)
                 h = line_hash(line.raw)
                 source = f"{name}:{line.number}"
@@ -397,22 +411,8 @@ class Job:
 
     async def _send_unfinished(self, send: MemoryObjectSendStream[Call], call: Call) -> None:
         assert self._point is not None
-        done = self._point.done
-        doubt = self._point.doubt.get(call.records[0].seq)
-        if doubt is not None and doubt.token and not call.token.startswith(doubt.token):
-            raise ManifestChanged(
-                f"{call.records[0].source}: changed since an earlier run sent it (its answer "
-                "never came, so it may have been applied as it was); restore the line, or "
-                "use --restart to start over"
-            )
-        finished = [r for r in call.records if r.seq in done]
-        if not finished:
-            await send.send(call)
-        elif len(finished) < len(call.records):
-            # only after a merged call was split on a 400: its records went one by one
-            for single in split(self.settings.target, call):
-                if single.records[0].seq not in done:
-                    await send.send(single)
+        for unfinished in calls_to_send(self.settings.target, call, self._point):
+            await send.send(unfinished)
 
     def _changed(self, name: str, line: int) -> str:
         return (
@@ -423,18 +423,16 @@ class Job:
     def _reject(self, item: Rejection) -> None:
         assert self._journal is not None and self._dead is not None
         self.counters.rejected += 1
-        self._dead.add(
-            item.raw,
-            {
-                "status": "rejected",
-                "code": "InvalidRecord",
-                "field": item.field,
-                "message": item.reason,
-                "source": item.source,
-            },
-        )
+        error: dict[str, object] = {
+            "status": "rejected",
+            "code": "InvalidRecord",
+            "field": item.field,
+            "message": item.reason,
+            "source": item.source,
+        }
+        self._dead.add(item.raw, error)
         self._journal.finish((item.seq,), REJECTED)
-        self._log_failure("%s", item)
+        self._log_failure(error, "%s", item)
 
     # ---- workers -------------------------------------------------------------------------
 
@@ -698,21 +696,23 @@ class Job:
 
     def _record_failure(self, call: Call, answer: Answer) -> None:
         assert self._journal is not None and self._dead is not None
-        for record in call.records:
-            self._dead.add(
-                record.raw,
-                {
-                    "status": answer.status,
-                    "code": answer.code,
-                    "message": answer.message,
-                    "source": record.source,
-                    "opc_request_id": answer.request_id,
-                },
-            )
+        errors = [
+            {
+                "status": answer.status,
+                "code": answer.code,
+                "message": answer.message,
+                "source": record.source,
+                "opc_request_id": answer.request_id,
+            }
+            for record in call.records
+        ]
+        for record, error in zip(call.records, errors, strict=True):
+            self._dead.add(record.raw, error)
         self._journal.finish([r.seq for r in call.records], answer.status, answer.request_id)
         self.counters.failed += len(call.records)
-        for record in call.records:
+        for record, error in zip(call.records, errors, strict=True):
             self._log_failure(
+                error,
                 "%s: %s %s: %s",
                 record.source,
                 answer.status or "no answer",
@@ -720,14 +720,15 @@ class Job:
                 answer.message,
             )
 
-    def _log_failure(self, fmt: str, *args: object) -> None:
+    def _log_failure(self, error: dict[str, object], fmt: str, *args: object) -> None:
         self._failures_logged += 1
+        extra = {"batchlog_failure": error}  # the dead letter's _error: for JSON output
         if self._failures_logged <= LOUD_FAILURES:
-            log.warning(fmt, *args)
+            log.warning(fmt, *args, extra=extra)
             if self._failures_logged == LOUD_FAILURES:
                 log.warning("more failures are in the dead letter only (-v shows them all)")
         else:
-            log.info(fmt, *args)
+            log.info(fmt, *args, extra=extra)
 
     def _systemic_message(self) -> str:
         held = [h for h in self._held if h.kind != "gave-up"] or self._held
@@ -768,7 +769,10 @@ class Job:
                 return
             written, self._flushed = self._flushed, anyio.Event()
             dead_data = self._dead.pending_bytes()
-            journal_data = self._journal.pending_bytes(self._dead.size + len(dead_data))
+            identity = self._dead.open_now() if dead_data else None
+            journal_data = self._journal.pending_bytes(
+                self._dead.size + len(dead_data), list(identity) if identity else None
+            )
             try:
                 await anyio.to_thread.run_sync(
                     _write_both, self._dead, dead_data, self._journal, journal_data
@@ -790,12 +794,33 @@ class Job:
             await anyio.sleep(0.25)
 
 
+def calls_to_send(target: Target, call: Call, point: ResumePoint) -> list[Call]:
+    """The calls a run sends for ``call``, formed as the first run formed it, given what
+    ``point`` says is done: none if it finished, one per unfinished record if it was split
+    after a 400, else the call itself. Raises ManifestChanged if an earlier run sent it and
+    its lines changed since. Shared with the dry run, which counts them."""
+    doubt = point.doubt.get(call.records[0].seq)
+    if doubt is not None and doubt.token and not call.token.startswith(doubt.token):
+        raise ManifestChanged(
+            f"{call.records[0].source}: changed since an earlier run sent it (its answer "
+            "never came, so it may have been applied as it was); restore the line, or "
+            "use --restart to start over"
+        )
+    finished = [r for r in call.records if r.seq in point.done]
+    if not finished:
+        return [call]
+    if len(finished) == len(call.records):
+        return []
+    # only after a merged call was split on a 400: its records went one by one
+    return [single for single in split(target, call) if single.records[0].seq not in point.done]
+
+
 def _write_both(dead: DeadLetter, dead_data: bytes, journal: Journal, journal_data: bytes) -> None:
     dead.write(dead_data)  # first: a journaled failure is always in the dead letter
     journal.write(journal_data)
 
 
-def _check_done_lines(path: str, index: int, mark: Boundary, done: dict[int, str]) -> None:
+def check_done_lines(path: str, index: int, mark: Boundary, done: dict[int, str]) -> None:
     """Read the lines beyond the watermark that an earlier run finished and check that they
     are unchanged, before any request (stdin and pipes are checked as they stream past)."""
     wanted = {record_of(k): h for k, h in done.items() if manifest_of(k) == index}
@@ -828,8 +853,8 @@ async def _readable(fd: int) -> None:
 def _sizes(manifests: list[str]) -> list[int | None]:
     out: list[int | None] = []
     for path in manifests:
-        if path == STDIN or not os.path.isfile(path) or is_gzip(path):
-            out.append(None)  # not known (a pipe such as <(...) included)
+        if path == STDIN or not os.path.isfile(path):
+            out.append(None)  # not known (a pipe such as <(...) included); a .gz: compressed
         else:
             out.append(os.path.getsize(path))
     return out

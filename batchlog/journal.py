@@ -141,6 +141,7 @@ class ResumePoint:
     damaged: int = 0  # damaged lines skipped while reading
     dead_letter_size: int | None = None  # bytes of the dead letter the journal accounts for
     created: bool = False  # the checkpoint was created now: a new job, or --restart
+    dead_letter_id: list[int] | None = None  # [device, inode] of the dead letter written
 
     @property
     def finished(self) -> int:
@@ -157,6 +158,7 @@ class ResumePoint:
                 ],
                 "n": [self.counts.succeeded, self.counts.failed, self.counts.rejected],
                 "dl": self.dead_letter_size,
+                "dli": self.dead_letter_id,
             }
         }
 
@@ -188,6 +190,8 @@ class ResumePoint:
             self.counts = Counts(*(int(x) for x in doc["commit"]))  # right past damaged lines
             if doc.get("dl") is not None:
                 self.dead_letter_size = int(doc["dl"])
+            if isinstance(doc.get("dli"), list):
+                self.dead_letter_id = [int(x) for x in doc["dli"]]
         elif "c" in doc:
             self.doubt.pop(int(doc["c"]), None)
         elif "snap" in doc:
@@ -200,6 +204,8 @@ class ResumePoint:
             }
             self.counts = Counts(*(int(x) for x in snap["n"]))
             self.dead_letter_size = snap.get("dl")
+            dli = snap.get("dli")
+            self.dead_letter_id = [int(x) for x in dli] if isinstance(dli, list) else None
 
     def advance(self, manifest: int, mark: Boundary) -> None:
         old = self.marks[manifest]
@@ -311,7 +317,9 @@ class Journal:
                 seal({"w": manifest, "at": [mark.records, mark.offset, mark.line, mark.digest]})
             )
 
-    def pending_bytes(self, dead_letter_size: int | None = None) -> bytes:
+    def pending_bytes(
+        self, dead_letter_size: int | None = None, dead_letter_id: list[int] | None = None
+    ) -> bytes:
         """What the next flush writes: the changes, closed by a commit line with the counts
         and the size the dead letter has once its own pending lines are written; and a
         snapshot when due."""
@@ -320,10 +328,16 @@ class Journal:
         state = self._state
         if dead_letter_size is not None:
             state.dead_letter_size = dead_letter_size
+        if dead_letter_id is not None:
+            state.dead_letter_id = dead_letter_id
         c = state.counts
-        self._buffer.append(
-            seal({"commit": [c.succeeded, c.failed, c.rejected], "dl": state.dead_letter_size})
-        )
+        commit: dict[str, Any] = {
+            "commit": [c.succeeded, c.failed, c.rejected],
+            "dl": state.dead_letter_size,
+        }
+        if state.dead_letter_id is not None:
+            commit["dli"] = state.dead_letter_id
+        self._buffer.append(seal(commit))
         out = b"".join(self._buffer)
         self._buffer = []
         self._since_snapshot += len(out)

@@ -75,6 +75,12 @@ def _check_file(path: str) -> None:
         mode = os.stat(path).st_mode
         if stat.S_ISDIR(mode):
             raise ConfigurationError(f"manifest {path}: is a directory")
+        devices = stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+        if devices and os.path.realpath(path) != os.devnull:
+            # /dev/zero would be read for ever: a file, a pipe or - (stdin) only
+            raise ConfigurationError(
+                f"manifest {path}: is a device or a socket, not a file or a pipe"
+            )
         if not stat.S_ISREG(mode):  # a pipe such as <(zcat ...): nothing may be read from it
             if not os.access(path, os.R_OK):
                 raise PermissionError
@@ -172,9 +178,12 @@ class _Gunzip:
     def __init__(self) -> None:
         self._input = b""  # compressed bytes not yet taken by the decompressor
         self._d: zlib._Decompress | None = None  # the member being read
+        self.fed = 0  # compressed bytes fed so far
+        self.inflated = 0  # decompressed bytes given out so far
 
     def feed(self, data: bytes) -> None:
         self._input += data
+        self.fed += len(data)
 
     def inflate(self) -> bytes:
         """Up to _CHUNK decompressed bytes; b"" when more input is needed (raises zlib.error)."""
@@ -190,6 +199,7 @@ class _Gunzip:
             else:
                 self._input = self._d.unconsumed_tail
             if out:
+                self.inflated += len(out)
                 return out
             if self._d is not None:
                 return b""
@@ -275,6 +285,15 @@ class _Input:
                 self._head += data
                 if len(self._head) >= len(_GZIP) or self._head[:1] != _GZIP[:1]:
                     self._sniff()
+
+    def file_offset(self, offset: int) -> int:
+        """Where ``offset`` of the stream lies in the file, for progress: itself for plain
+        text; for gzip, estimated from how much the data read so far inflated."""
+        gz = self._gz
+        if gz is None or not gz.inflated:
+            return offset
+        taken = gz.fed - len(gz._input)  # what the decompressor consumed
+        return min(taken, offset * taken // gz.inflated)
 
     def _sniff(self) -> None:
         self._known = True
@@ -393,6 +412,11 @@ class ManifestReader:
     @property
     def records_read(self) -> int:
         return self._records
+
+    def file_offset(self, offset: int) -> int:
+        """Where ``offset`` (a line's end) lies in the file: for a .gz, the compressed
+        position (estimated), to measure progress against the file's size."""
+        return offset if self._lines is None else self._lines.source.file_offset(offset)
 
     def fileno(self) -> int:
         """The descriptor to wait on when ``blocked``."""

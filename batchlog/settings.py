@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from batchlog.errors import ConfigurationError
@@ -102,13 +103,24 @@ def _glimpse(value: object) -> str:
 
 
 def _stem(manifest: str) -> str:
+    """The first manifest's path without, in this order, a trailing ``.gz``, ``.jsonl``,
+    ``.ndjson`` and ``.json``; ``stdin`` (in the current directory) for ``-``."""
     if manifest == STDIN:
         return "stdin"
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(manifest)))
+    if folder in ("/dev", "/proc") or folder.startswith("/proc/"):  # <(...), /dev/stdin
+        raise ConfigurationError(
+            f"{manifest} is a stream with no folder to keep files in beside it: give "
+            "--checkpoint FILE and --dead-letter FILE (or pipe it to batchlog upload -)"
+        )
     stem = manifest
     for suffix in (".gz", ".jsonl", ".ndjson", ".json"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
     return stem
+
+
+_AGAIN = re.compile(r"\.dead-letter(?:-(\d+))?$")
 
 
 def default_checkpoint(manifests: list[str], kind: str = "") -> str:
@@ -117,7 +129,18 @@ def default_checkpoint(manifests: list[str], kind: str = "") -> str:
 
 
 def default_dead_letter(manifests: list[str], kind: str = "") -> str:
-    return _stem(manifests[0]) + (f".{kind}" if kind else "") + ".dead-letter.jsonl"
+    """``STEM.dead-letter.jsonl``; for a dead letter uploaded again (``x.dead-letter.jsonl``
+    or ``x.dead-letter-N.jsonl``), ``x.dead-letter-2.jsonl`` (``N+1``): a counter, so that
+    names never grow and never name the manifest itself."""
+    stem = _stem(manifests[0])
+    again = _AGAIN.search(stem)
+    suffix = ".dead-letter"
+    if again:
+        stem = stem[: again.start()]
+        suffix += f"-{int(again.group(1) or 1) + 1}"
+    if kind and not (again and stem.endswith(f".{kind}")):  # an emulated one uploaded again
+        stem += f".{kind}"
+    return stem + suffix + ".jsonl"
 
 
 def resolve_paths(settings: Settings, manifests: list[str]) -> tuple[str, str]:

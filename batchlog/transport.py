@@ -32,7 +32,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from batchlog.errors import ConfigurationError
+from batchlog.errors import ConfigurationError, redact
 from batchlog.files import UnusableFile, read_ca_bundle
 from batchlog.plan import Call
 from batchlog.retry import (
@@ -472,7 +472,8 @@ def _answer(
     # a body without them (a proxy's page, nothing): the status names it, as OCI's codes do
     phrase = _phrase(status)
     code = code or "".join(phrase.replace("-", " ").split())
-    message = _one_line(message) or phrase
+    # the server's own words may quote the request (an echoing proxy: its Authorization)
+    message = _one_line(redact(message, long_runs=False)) or phrase
     return Answer(status, code, message, rid, retry_after=retry_after)
 
 

@@ -110,10 +110,10 @@ def run_batchlog(a: argparse.Namespace) -> dict[str, Any]:
         r = anyio.run(batchlog.upload, [a.manifest], settings)
         return {
             "records": r.records,
-            "ok": r.succeeded + r.skipped,
+            "ok": r.succeeded + r.already_done,
             "requests": r.requests,
             "throttled": r.throttled,
-            "final_rate": r.rate,
+            "final_rate": r.rate_limit,
         }
 
     return measure(go)

@@ -232,3 +232,40 @@ def test_a_second_signal_stops_at_once_and_the_journal_stays_valid(
     out = run_cli(upload_args(oci, emu, str(manifest)))
     assert out.returncode == 0, out.stderr
     assert_exactly_once(emu, records)
+
+
+def test_a_resume_never_cuts_a_dead_letter_another_job_wrote(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: two jobs sharing one --dead-letter; the second set the first's
+    aside, then a rerun of the first cut the second's file to its own committed size."""
+    emu = emulator()
+    shared = tmp_path / "failed.jsonl"
+
+    def job(name: str, n: int) -> list[str]:
+        lines: list[Any] = [{"run_id": f"bad run {name}{i}"} for i in range(n)]
+        manifest = write_manifest(tmp_path / f"{name}.jsonl", lines)
+        return upload_args(oci, emu, str(manifest), "--dead-letter", str(shared))
+
+    a, b = job("a", 10), job("b", 33)
+    assert run_cli(a).returncode == 1
+    assert run_cli(b).returncode == 1  # a fresh job: a's dead letter is set aside
+    theirs = shared.read_bytes()
+    again = run_cli(a)
+    assert again.returncode == 3, again.stderr
+    assert "is not the file this job wrote" in again.stderr
+    assert shared.read_bytes() == theirs
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("failed.jsonl."))
+    assert len(kept) == 1 and len((tmp_path / kept[0]).read_bytes().splitlines()) == 10
+
+
+def test_fresh_starts_within_one_second_keep_every_earlier_dead_letter(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"run_id": "bad run"}])
+    args = upload_args(oci, emu, str(manifest), "--restart")
+    for _ in range(3):
+        assert run_cli(args).returncode == 1
+    kept = [p for p in tmp_path.iterdir() if ".dead-letter.jsonl." in p.name]
+    assert len(kept) == 2, sorted(p.name for p in tmp_path.iterdir())

@@ -133,3 +133,39 @@ def test_an_unexpected_exception_quoting_a_credential_never_shows_it(
         assert "internal error: RuntimeError" in out.stderr
         for secret in secrets:
             assert secret not in out.stderr + out.stdout
+
+
+def test_arguments_that_are_not_utf8_are_named_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """Found by review: a file name in Latin-1 was an internal error, exit 3, and left a
+    stray checkpoint file."""
+    import os as _os
+
+    name = _os.fsencode(str(tmp_path)) + b"/caf\xe9.jsonl"
+    with open(name, "wb") as f:
+        f.write(b'{"run_id": "r1", "dataset_inputs": []}\n')
+    for args in (
+        [name, b"--emulate"],
+        [str(tmp_path / "m.jsonl").encode(), b"--emulate", b"--dead-letter", b"d\xe9.jsonl"],
+    ):
+        done = subprocess.run(
+            [sys.executable.encode(), b"-m", b"batchlog", b"upload", *args],
+            capture_output=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        err = done.stderr.decode(errors="replace")
+        assert done.returncode == 2, err
+        assert "not valid UTF-8" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caf\udce9.jsonl"]
+
+
+def test_a_device_is_not_a_manifest(tmp_path: Path) -> None:
+    """Found by review: /dev/zero was read for ever, deaf to signals."""
+    outputs = ["--checkpoint", str(tmp_path / "c"), "--dead-letter", str(tmp_path / "d")]
+    for command in (["upload", "/dev/zero", "--emulate", *outputs], ["validate", "/dev/zero"]):
+        done = run_cli(command, cwd=tmp_path, timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert "is a device" in done.stderr
+    assert run_cli(["validate", "/dev/null"], cwd=tmp_path, timeout=30).returncode == 0

@@ -321,7 +321,9 @@ def test_creating_files_syncs_their_directory(
     monkeypatch.setattr(durable, "sync_directory", spy)
     journal, _ = open_(tmp_path / "sub" / "c")
     journal.close()
-    DeadLetter(str(tmp_path / "dl" / "d.jsonl"), set_aside=True).close()
+    dead = DeadLetter(str(tmp_path / "dl" / "d.jsonl"), set_aside=True)
+    dead.write(b"{}\n")  # the file, and its directory, are created by the first line
+    dead.close()
     assert synced == [str(tmp_path / "sub"), str(tmp_path / "dl")]
 
 

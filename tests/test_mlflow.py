@@ -204,7 +204,7 @@ def test_a_tracking_uri_that_is_not_mlflow_stops_in_mlflow_terms(
     assert out.returncode == 3, out.stderr
     assert "does not seem to point at an MLflow server" in out.stderr
     assert "platform" not in out.stderr and "workspace" not in out.stderr
-    assert not (tmp_path / "m.dead-letter.jsonl").read_bytes()
+    assert not (tmp_path / "m.dead-letter.jsonl").exists()
 
 
 def test_a_model_mlflow_always_refuses_is_dead_lettered_once_confirmed_absent(

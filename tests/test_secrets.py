@@ -73,6 +73,10 @@ class Recorder:
                 recorder.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if recorder.refuses:
                     self.answer(401, {"error_code": "UNAUTHENTICATED", "message": "no"})
+                elif str(orjson.loads(body).get("run_id", "")).startswith("echo"):
+                    # a server (or a proxy) whose error quotes the request's headers
+                    message = f"bad request with headers {dict(self.headers.items())}"
+                    self.answer(400, {"error_code": "INVALID_PARAMETER_VALUE", "message": message})
                 elif str(orjson.loads(body).get("run_id", "")).startswith("missing"):
                     self.answer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"})
                 else:
@@ -723,3 +727,29 @@ def test_a_user_principal_that_cannot_be_a_header_is_refused(
         "batchlog: error: --user-principal holds line breaks or control characters\n"
     )
     assert sum(emu.state.statuses.values()) == 0
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_a_server_error_quoting_the_request_headers_never_shows_the_credentials(
+    tmp_path: Path, recorder: Callable[..., Recorder], auth: str
+) -> None:
+    """Found by review: an echoing server's 400 put the Authorization header into stderr
+    and into every dead-letter line."""
+    server = recorder()
+    password, token = "S3CR3TPW-echo", "tok-SECRET-echo-0123456789"
+    env = (
+        {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": password}
+        if auth == "basic"
+        else {"MLFLOW_TRACKING_TOKEN": token}
+    )
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", [inputs_record(f"echo{i}", f"ds{i:08d}") for i in range(3)]
+    )
+    done = cli(
+        ["upload", str(manifest), "--target", "mlflow", "--tracking-uri", server.url(), "-v"],
+        env=env,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "INVALID_PARAMETER_VALUE" in done.stderr
+    secrets = [password, token, basic("alice", password).split()[1]]
+    assert_absent(secrets, everything_written(tmp_path, [done], {manifest}))

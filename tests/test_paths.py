@@ -1,0 +1,171 @@
+"""Where files go (issue 10, item 6): the naming rule, a dead letter only once something
+failed, no cascading names, stdin jobs in the current directory, every path printed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchlog.emulator import EmulatorThread
+from batchlog.settings import default_checkpoint, default_dead_letter
+from tests.conftest import Oci, inputs_record, mixed_records, run_cli, upload_args, write_manifest
+from tests.test_integrity import dead_lines, jsonl
+
+StartEmulator = Callable[..., EmulatorThread]
+
+
+@pytest.mark.parametrize(
+    ("manifests", "checkpoint", "dead_letter"),
+    [
+        (["runs.jsonl"], "runs.batchlog-checkpoint", "runs.dead-letter.jsonl"),
+        (["runs.jsonl.gz"], "runs.batchlog-checkpoint", "runs.dead-letter.jsonl"),
+        (["data/runs.ndjson"], "data/runs.batchlog-checkpoint", "data/runs.dead-letter.jsonl"),
+        (["runs.json"], "runs.batchlog-checkpoint", "runs.dead-letter.jsonl"),
+        (["runs"], "runs.batchlog-checkpoint", "runs.dead-letter.jsonl"),
+        (["a.jsonl", "b.jsonl"], "a.batchlog-checkpoint", "a.dead-letter.jsonl"),
+        (["-"], "stdin.batchlog-checkpoint", "stdin.dead-letter.jsonl"),
+        (["-", "b.jsonl"], "stdin.batchlog-checkpoint", "stdin.dead-letter.jsonl"),
+        # a dead letter uploaded again: a counter, never x.dead-letter.dead-letter.jsonl
+        (["x.dead-letter.jsonl"], "x.dead-letter.batchlog-checkpoint", "x.dead-letter-2.jsonl"),
+        (
+            ["x.dead-letter-2.jsonl"],
+            "x.dead-letter-2.batchlog-checkpoint",
+            "x.dead-letter-3.jsonl",
+        ),
+        (
+            ["x.dead-letter-9.jsonl.gz"],
+            "x.dead-letter-9.batchlog-checkpoint",
+            "x.dead-letter-10.jsonl",
+        ),
+        (
+            ["stdin.dead-letter.jsonl"],
+            "stdin.dead-letter.batchlog-checkpoint",
+            "stdin.dead-letter-2.jsonl",
+        ),
+    ],
+)
+def test_default_names(manifests: list[str], checkpoint: str, dead_letter: str) -> None:
+    assert default_checkpoint(manifests) == checkpoint
+    assert default_dead_letter(manifests) == dead_letter
+
+
+def test_emulated_runs_have_names_of_their_own_that_never_grow() -> None:
+    assert default_checkpoint(["m.jsonl"], "emulated") == "m.emulated.batchlog-checkpoint"
+    assert default_dead_letter(["m.jsonl"], "emulated") == "m.emulated.dead-letter.jsonl"
+    again = default_dead_letter(["m.emulated.dead-letter.jsonl"], "emulated")
+    assert again == "m.emulated.dead-letter-2.jsonl"
+    assert default_dead_letter([again], "emulated") == "m.emulated.dead-letter-3.jsonl"
+
+
+def test_a_job_where_everything_succeeds_leaves_no_dead_letter(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(40, runs=10))
+    elsewhere = tmp_path / "not-yet" / "dead.jsonl"
+    for extra in ([], ["--dead-letter", str(elsewhere), "--restart"]):
+        out = run_cli([*upload_args(oci, emu, str(manifest)), *extra])
+        assert out.returncode == 0, out.stderr
+        assert "(created on the first failure)" in out.stderr, out.stderr
+    assert not (tmp_path / "m.dead-letter.jsonl").exists()
+    assert not elsewhere.parent.exists()  # not even its directory
+
+
+def test_the_dead_letter_is_created_by_the_first_failure(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    records: list[object] = [*mixed_records(20, runs=5), {"run_id": "r", "dataset_input": []}]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    dead = tmp_path / "later" / "dead.jsonl"
+    out = run_cli([*upload_args(oci, emu, str(manifest)), "--dead-letter", str(dead)])
+    assert out.returncode == 1, out.stderr
+    assert [d["_error"]["source"] for d in dead_lines(dead)] == [f"{manifest}:21"]
+
+
+def test_uploading_a_dead_letter_again_never_cascades_names(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    records = [inputs_record("good", "ok1"), {"run_id": "bad", "dataset_input": []}]
+    manifest = write_manifest(tmp_path / "x.jsonl", records)
+    current = manifest
+    for n, name in enumerate(("x.dead-letter.jsonl", "x.dead-letter-2.jsonl")):
+        out = run_cli(upload_args(oci, emu, str(current)), cwd=tmp_path)
+        assert out.returncode == 1, out.stderr
+        assert f"dead letter {tmp_path / name}" in out.stderr, out.stderr
+        [line] = dead_lines(tmp_path / name)
+        assert line["run_id"] == "bad" and line["_error"]["status"] == "rejected", (n, line)
+        current = tmp_path / name
+    assert sorted(p.name for p in tmp_path.glob("*dead-letter*.jsonl")) == [
+        "x.dead-letter-2.jsonl",
+        "x.dead-letter.jsonl",
+    ]
+
+
+def test_every_path_the_job_writes_is_printed_at_start(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(10, runs=5))
+    out = run_cli([*upload_args(oci, emu, str(manifest)), "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert f"batchlog: checkpoint {tmp_path / 'm.batchlog-checkpoint'}" in out.stderr, lines
+    dead = (
+        f"batchlog: dead letter {tmp_path / 'm.dead-letter.jsonl'} (created on the first failure)"
+    )
+    assert dead in lines, lines
+    assert f"batchlog: report {tmp_path / 'r.json'}" in out.stderr, lines
+    assert (tmp_path / "r.json").exists()
+
+
+def test_stdin_jobs_write_stdin_files_into_the_current_directory_and_say_so(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    args = upload_args(oci, emu, "-")
+    first = mixed_records(10, runs=5)
+    out = run_cli(args, input=jsonl(first), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("stdin")) == [
+        "stdin.batchlog-checkpoint",
+        "stdin.batchlog-checkpoint.lock",
+    ]
+    assert "checkpoint stdin.batchlog-checkpoint" in out.stderr, out.stderr
+    assert "--checkpoint" in out.stderr  # how to keep another stdin job apart
+    # another stdin job in the same directory: refused, naming the file and the way out
+    other = [inputs_record("other", f"o{i}") for i in range(3)]
+    out = run_cli(args, input=jsonl(other), cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert "stdin.batchlog-checkpoint" in out.stderr and "--checkpoint" in out.stderr
+
+
+def test_an_earlier_jobs_dead_letter_is_set_aside_though_nothing_fails_now(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(10, runs=5))
+    earlier = b'{"run_id": "old", "_error": {"status": 404}}\n'
+    (tmp_path / "m.dead-letter.jsonl").write_bytes(earlier)
+    out = run_cli(upload_args(oci, emu, str(manifest)))  # a new job: no checkpoint yet
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "m.dead-letter.jsonl").exists()
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("m.dead-letter.jsonl.")]
+    assert aside.read_bytes() == earlier and aside.name in out.stderr
+    os.remove(aside)
+
+
+def test_a_stream_given_as_a_path_needs_files_named(tmp_path: Path) -> None:
+    """``<(zcat runs.gz)`` is /dev/fd/63: nothing can be created beside it."""
+    data = jsonl(mixed_records(5, runs=5))
+    out = run_cli(["upload", "/dev/stdin", "--emulate"], input=data, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "/dev/stdin is a stream" in out.stderr and "--checkpoint" in out.stderr, out.stderr
+    named = ["--checkpoint", str(tmp_path / "c"), "--dead-letter", str(tmp_path / "d")]
+    out = run_cli(["upload", "/dev/stdin", "--emulate", *named], input=data, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
