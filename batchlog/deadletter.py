@@ -92,6 +92,8 @@ class DeadLetter:
 
     def set_aside(self) -> None:
         """Rename the file at ``path`` (an earlier job's) to a name never used before."""
+        if not os.path.isfile(self.path):  # never a device or a pipe, whoever names it
+            raise DeadLetterError(f"dead letter {self.path} is not a regular file")
         parent = os.path.dirname(os.path.abspath(self.path))
         stem = f"{self.path}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
         aside, n = stem, 1

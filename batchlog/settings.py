@@ -166,6 +166,12 @@ def check_output_paths(manifests: list[str], **outputs: str | None) -> None:
             raise ConfigurationError(f"{flag} {path} is also the {seen[real]}")
         if os.path.isdir(path):
             raise ConfigurationError(f"{flag} {path} is a directory: give a file name")
+        if os.path.exists(path) and not os.path.isfile(path):
+            # a device or a FIFO: a checkpoint or dead letter there would be renamed, cut or
+            # locked beside it (found by review, as root: /dev/null and /dev/full replaced)
+            raise ConfigurationError(
+                f"{flag} {path} is not a regular file (a device or a pipe?): give a file name"
+            )
         parent = os.path.dirname(os.path.abspath(path))
         if os.path.exists(parent) and not os.access(parent, os.W_OK):
             raise ConfigurationError(f"{flag} {path}: cannot write in {parent}")

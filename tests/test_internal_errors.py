@@ -169,3 +169,28 @@ def test_a_device_is_not_a_manifest(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert "is a device" in done.stderr
     assert run_cli(["validate", "/dev/null"], cwd=tmp_path, timeout=30).returncode == 0
+
+
+def test_outputs_that_are_devices_or_pipes_are_refused_and_left_alone(tmp_path: Path) -> None:
+    """Found by review, as root: a dead letter named /dev/full was set aside (renamed) and
+    /dev/null replaced by a regular file; a FIFO as --dead-letter or --report hung."""
+    import stat as _stat
+
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(4))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    odd = [fifo]
+    if os.geteuid() == 0:  # a null device of the test's own, never the system's
+        device = tmp_path / "null"
+        os.mknod(device, _stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        odd.append(device)
+    for path in odd:
+        for flag in ("--dead-letter", "--checkpoint", "--report"):
+            done = run_cli(
+                ["upload", str(manifest), "--emulate", flag, str(path)], cwd=tmp_path, timeout=30
+            )
+            assert done.returncode == 2, (flag, path, done.stderr)
+            assert "not a regular file" in done.stderr, done.stderr
+            mode = os.stat(path).st_mode
+            assert _stat.S_ISFIFO(mode) or _stat.S_ISCHR(mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("fifo.", "null."))]
