@@ -648,6 +648,7 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
             checkpoint=job.checkpoint_path,
             dead_letter=job.dead_letter_path,
             report=args.report,
+            log_file=getattr(args, "log_file", None),
         )
         job.open()
         _print_paths(args, job.checkpoint_path, job.dead_letter_path, out)
@@ -674,8 +675,9 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         try:
             with open(args.report, "wb") as f:
                 f.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
-        except OSError as exc:
-            console_of(out).warning(f"cannot write --report {args.report}: {exc.strerror}")
+        except OSError as exc:  # the figures a scheduler reads are missing: not a success
+            print(f"batchlog: error: cannot write --report {args.report}: {exc.strerror}", file=out)
+            return max(report.exit_code, EXIT_SYSTEMIC)
     return report.exit_code
 
 
@@ -1002,7 +1004,11 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
     stand_in = OciTarget(PLANNED_ENDPOINT, "-", "-")  # Settings check the flags; no target
     settings = _settings(args, None, "", "", "", target=target or stand_in)
     check_output_paths(
-        args.manifests, checkpoint=checkpoint, dead_letter=dead_letter, report=args.report
+        args.manifests,
+        checkpoint=checkpoint,
+        dead_letter=dead_letter,
+        report=args.report,
+        log_file=getattr(args, "log_file", None),
     )
 
     def show(rejection: Rejection) -> None:

@@ -175,4 +175,7 @@ def check_output_paths(manifests: list[str], **outputs: str | None) -> None:
         parent = os.path.dirname(os.path.abspath(path))
         if os.path.exists(parent) and not os.access(parent, os.W_OK):
             raise ConfigurationError(f"{flag} {path}: cannot write in {parent}")
+        if name in ("report", "log_file") and not os.path.isdir(parent):
+            # found now, not after the whole upload (a scheduler would find no report)
+            raise ConfigurationError(f"{flag} {path}: no directory {parent}")
         seen[real] = flag

@@ -169,3 +169,21 @@ def test_a_stream_given_as_a_path_needs_files_named(tmp_path: Path) -> None:
     named = ["--checkpoint", str(tmp_path / "c"), "--dead-letter", str(tmp_path / "d")]
     out = run_cli(["upload", "/dev/stdin", "--emulate", *named], input=data, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_report_or_log_file_that_cannot_be_written_is_refused_before_any_request(
+    tmp_path: Path,
+) -> None:
+    """Found by review: a --report into a missing directory was noticed after the whole
+    upload, which still exited 0; --report and --log-file could name one file."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'{"run_id": "r1", "dataset_inputs": []}\n')
+    for extra in (
+        ["--report", str(tmp_path / "nodir" / "r.json")],
+        ["--log-file", str(tmp_path / "nodir" / "l.log")],
+        ["--report", str(tmp_path / "same"), "--log-file", str(tmp_path / "same")],
+    ):
+        for dry in ([], ["--dry-run"]):
+            out = run_cli(["upload", str(manifest), "--emulate", *extra, *dry], cwd=tmp_path)
+            assert out.returncode == 2, (extra, dry, out.stderr)
+            assert "requests" not in out.stderr, out.stderr
