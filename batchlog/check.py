@@ -16,9 +16,11 @@ from batchlog.errors import CheckpointError, ConfigurationError
 from batchlog.files import MIB, UnusableFile, check_regular
 from batchlog.job import READ_BATCH, calls_to_send, check_done_lines
 from batchlog.journal import (
+    OTHER_JOB_HINT,
     ResumePoint,
     line_hash,
     manifest_of,
+    other_job,
     read_checkpoint,
     record_key,
     record_of,
@@ -123,7 +125,8 @@ class Plan:
     to_send: int  # valid records not finished: a run sends them
     invalid: int  # lines a run would reject (not yet rejected by an earlier run)
     requests: int  # calls a run would send, merging included (before retries)
-    in_doubt: int  # of those, calls an earlier run sent and never saw answered
+    in_doubt: int  # of those, calls an earlier run sent that may have been applied (no
+    # answer, or a 5xx, and no later one said otherwise); one answered 429 only is not
     unsuccessful_before: int  # records earlier runs failed or rejected (in the dead letter)
     checkpoint: str  # what a run does with the checkpoint, in words
 
@@ -264,25 +267,16 @@ def _resume_point(
     header, point = _read_only(checkpoint)
     identity = without_userinfo(str(header.get("target", "")))
     c = point.counts
-    hint = "use --restart to start over, or give another --checkpoint"
     if not known.matches(str(header.get("target", ""))):
         if not (c.succeeded or c.failed or point.doubt):  # as the journal: nothing reached it
             return fresh, f"{checkpoint} names another target and holds nothing: a new job", ""
         raise CheckpointError(
-            f"checkpoint {checkpoint} belongs to another target ({identity}); {hint}"
-        )
-    old = header.get("manifests")
-    if old != manifests:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} was written for manifests {old}, not {manifests}; {hint}"
+            f"checkpoint {checkpoint} belongs to another target ({identity}); {OTHER_JOB_HINT}"
         )
     wanted = {"max_datasets": grouping.max_datasets, "max_body": grouping.max_body}
-    if header.get("grouping") != wanted and (point.finished or point.doubt):
-        raise CheckpointError(
-            f"checkpoint {checkpoint} was written with grouping {header.get('grouping')}; "
-            f"resuming with {wanted} would change retry tokens; "
-            f"use the same --max-datasets-per-request, or {hint}"
-        )
+    problem = other_job(checkpoint, header, manifests, wanted, point)  # as a run says it
+    if problem:
+        raise CheckpointError(problem)
     said = f"{checkpoint} (read, not changed): {point.finished:,} records done, for {identity}"
     return point, said, identity
 
@@ -294,17 +288,21 @@ class Status:
     succeeded: int
     failed: int
     rejected: int
-    pending: int | None  # None when the manifests cannot be read again (stdin, missing)
+    # records of the manifests as they are now not finished, read by a run or not: what the
+    # same upload command goes on with (the report's ``pending`` counts only those a run
+    # read); None when the manifests cannot be read again (stdin, missing)
+    not_finished: int | None
     runs_total: int | None
     runs_done: int | None  # every record of the run finished and none failed
     runs_failed: int | None  # some record of the run failed or was rejected
-    runs_pending: int | None
+    runs_not_finished: int | None  # some record of the run not finished, none failed
     last_write: float | None
     changed: bool  # a finished line's content differs from what the checkpoint recorded
 
 
 def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
-    """Read the checkpoint's header and tail, then stream the manifests once (runs, pending).
+    """Read the checkpoint's header and tail, then stream the manifests once (runs, records
+    not finished).
 
     A run counts as done only when every record of it finished and none is in the dead
     letter (the one the checkpoint names, unless ``dead_letter`` is given). Read only: the
@@ -334,8 +332,8 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     dead_letter = dead_letter or (named if isinstance(named, str) else None)
     failed_runs = _dead_letter_runs(dead_letter) if dead_letter else set()
     runs: set[str] = set()
-    pending_runs: set[str] = set()
-    pending = 0
+    open_runs: set[str] = set()
+    not_finished = 0
     changed = False
     for index, m in enumerate(manifests):
         below = point.marks[index].records if index < len(point.marks) else 0
@@ -349,22 +347,22 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
                 done = True
                 changed |= point.done[key] != line_hash(line.raw)
             if not done:
-                pending += 1
+                not_finished += 1
                 if run is not None:
-                    pending_runs.add(run)
+                    open_runs.add(run)
     runs_failed = len(failed_runs & runs)
-    runs_pending = len(pending_runs - failed_runs)
+    runs_not_finished = len(open_runs - failed_runs)
     return Status(
         target,
         manifests,
         c.succeeded,
         c.failed,
         c.rejected,
-        pending,
+        not_finished,
         len(runs),
-        len(runs) - runs_failed - runs_pending,
+        len(runs) - runs_failed - runs_not_finished,
         runs_failed,
-        runs_pending,
+        runs_not_finished,
         point.last_write,
         changed,
     )

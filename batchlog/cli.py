@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 import orjson
+from anyio.abc import TaskStatus
 
+from batchlog import interrupts
 from batchlog.check import (
     PLANNED_ENDPOINT,
     KnownTarget,
@@ -39,7 +41,7 @@ from batchlog.errors import (
 )
 from batchlog.files import MIB, UnusableFile, read_capped
 from batchlog.job import Job
-from batchlog.manifest import STDIN, display_name
+from batchlog.manifest import STDIN, check_readable, display_name
 from batchlog.plan import GroupLimits
 from batchlog.records import Rejection
 from batchlog.report import (
@@ -74,7 +76,7 @@ from batchlog.target import (
     mlflow_target,
     region_endpoint,
 )
-from batchlog.verify import verify
+from batchlog.verify import verify, verify_source
 
 if TYPE_CHECKING:
     from batchlog.emulator.rehearsal import Files
@@ -111,11 +113,14 @@ class _Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: None = None
     ) -> argparse.Namespace:
         parsed, extra = self.parse_known_args(args, namespace)
+        for name, default in _COMMON_DEFAULTS.items():  # given neither before nor after
+            if not hasattr(parsed, name):
+                setattr(parsed, name, default)
         command = getattr(parsed, "command", None)
         if extra:
             raise UsageError(self._unrecognized(command, extra), command)
         if command is not None:
-            _check_required(parsed)
+            _check_required(parsed, self.commands[command])
         return parsed
 
     def _unrecognized(self, command: str | None, extra: list[str]) -> str:
@@ -156,25 +161,55 @@ _ENV = {
 }
 
 
-def _check_required(args: argparse.Namespace) -> None:
-    """Every missing required flag in one line, not one per run; and the --emulate-*
-    options only with --emulate."""
+# Flags of a real target: --emulate would ignore them, and a rehearsal of an MLflow job (or
+# of a profile, an endpoint) would run under other rules unnoticed. --platform-id and
+# --workspace go with it: they name the emulated calls and their retry tokens.
+_REAL_TARGET = ("target", "tracking_uri", "endpoint", "ca_bundle", "auth", "config_file", "profile")
+_SHOWN_VALUE = ("target", "auth")  # named with their value; others' values may be secrets
+
+
+def _check_required(args: argparse.Namespace, command: argparse.ArgumentParser) -> None:
+    """Every missing required flag in one line, not one per run; the --emulate-* options
+    only with --emulate, and no flag of a real target with it."""
     if args.command == "upload" and not args.emulate:
         stray = [name for name in _EMULATE_OPTIONS if getattr(args, name) is not None]
         if stray:
             flags = [f"--{name.replace('_', '-')}" for name in stray]
             verb = "is" if len(flags) == 1 else "are"
             raise UsageError(f"{_and(flags)} {verb} for --emulate: add it", "upload")
+    if args.command == "upload" and args.emulate:
+        # a default (the environment's MLFLOW_TRACKING_URI included) is not a flag given
+        real = [n for n in _REAL_TARGET if getattr(args, n) != command.get_default(n)]
+        if real:
+            flags = [
+                f"--{n.replace('_', '-')}" + (f" {getattr(args, n)}" if n in _SHOWN_VALUE else "")
+                for n in real
+            ]
+            one = len(flags) == 1
+            raise UsageError(
+                f"{_and(flags)} {'does' if one else 'do'} not go with --emulate (an upload to "
+                f"the built-in AI Data Platform emulator): leave {'it' if one else 'them'} "
+                "out to rehearse, or leave out --emulate",
+                "upload",
+            )
+    if args.command == "verify" and args.source_uri and args.manifests:
+        raise UsageError("give MANIFEST or --source-uri, not both", "verify")
+    if args.command == "verify" and args.experiment and not args.source_uri:
+        raise UsageError("--experiment goes with --source-uri", "verify")
     missing: list[str] = []
-    if args.command in ("upload", "verify") and not args.manifests:
+    source = args.command == "verify" and args.source_uri  # no MANIFEST: a source server
+    if args.command in ("upload", "verify") and not args.manifests and not source:
         missing.append("MANIFEST")
     offline = args.command == "upload" and (args.emulate or args.dry_run)
     if args.command in ("upload", "verify") and not offline:
         if args.target == "mlflow":
             missing += [] if args.tracking_uri else ["--tracking-uri"]
-        elif args.command == "upload":
+        else:
             given = {"--platform-id": args.platform_id, "--workspace": args.workspace}
             missing += [flag for flag, value in given.items() if not value]
+    if args.command == "export":
+        missing += [] if args.tracking_uri else ["--tracking-uri"]
+        missing += [] if args.output else ["-o"]
     if missing:
         envs = [_ENV[flag] for flag in missing if flag in _ENV]
         raise UsageError(
@@ -213,7 +248,11 @@ def _in(bounds: Bounds) -> Callable[[str], float]:
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
-        "-v", "--verbose", action="store_true", help="log every failure (by default the first 100)"
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # as _output_flags: given before the command, kept
+        help="log every failure (by default the first 100)",
     )
     _output_flags(common)
     p = _Parser(
@@ -237,50 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t = up.add_argument_group("target")
     _target_flags(t)
-    t.add_argument(
-        "--platform-id",
-        metavar="OCID",
-        default=os.environ.get("BATCHLOG_PLATFORM_ID"),
-        help="AI Data Platform OCID (required; default: env BATCHLOG_PLATFORM_ID)",
-    )
-    t.add_argument(
-        "--workspace",
-        metavar="KEY",
-        default=os.environ.get("BATCHLOG_WORKSPACE"),
-        help="workspace key (required; default: env BATCHLOG_WORKSPACE)",
-    )
-    t.add_argument(
-        "--endpoint",
-        metavar="URL",
-        help="https://HOST[:PORT] (default: the endpoint of the profile's region)",
-    )
-    t.add_argument(
-        "--ca-bundle",
-        metavar="FILE",
-        help="PEM file of CAs to trust, for private CAs (default: the system's)",
-    )
-    t.add_argument(
-        "--user-principal",
-        metavar="P",
-        help="send as the dh-user-principal header (default: not sent)",
-    )
-    a = up.add_argument_group("auth")
-    a.add_argument(
-        "--auth",
-        default="api_key",
-        choices=("api_key", "security_token", "instance_principal", "resource_principal"),
-        help="how requests are signed (default: %(default)s)",
-    )
-    a.add_argument(
-        "--config-file",
-        metavar="FILE",
-        help="OCI config (default: env OCI_CONFIG_FILE, else ~/.oci/config)",
-    )
-    a.add_argument(
-        "--profile",
-        metavar="NAME",
-        help="OCI config profile (default: env OCI_CLI_PROFILE, else DEFAULT)",
-    )
+    _oci_flags(t, up.add_argument_group("auth"))
     r = up.add_argument_group("pace")
     r.add_argument(
         "--concurrency",
@@ -380,19 +376,55 @@ def build_parser() -> argparse.ArgumentParser:
     vf = sub.add_parser(
         "verify",
         parents=[common],
-        usage=f"%(prog)s --target mlflow {_MANIFESTS}",
-        help="read every run back from MLflow: what is missing",
+        usage=f"%(prog)s {_MANIFESTS}",
+        help="read every run back from the target: what is missing or different",
+        description="Read back what manifests or a migration plan say is on the target "
+        "(AI Data Platform, or --target mlflow), with the upload's target and credential "
+        "flags. A plan is compared run by run: each source run once, with its params, "
+        "tags, metric histories, datasets, models, parent, status and times. Exit 0 only "
+        "when nothing differs, 1 when something does, 3 when the target cannot be read.",
     )
     vf.add_argument(
         "manifests", nargs="*", metavar="MANIFEST", help="JSON Lines file, .gz, or - for stdin"
     )
-    _target_flags(vf)
+    t = vf.add_argument_group("target")
+    _target_flags(t)
+    _oci_flags(t, vf.add_argument_group("auth"))
     vf.add_argument(
         "--concurrency",
         metavar="N",
         type=_in(CONCURRENCY),
         default=16,
         help=f"runs read at once at most (default: %(default)s; {CONCURRENCY.span})",
+    )
+    vf.add_argument(
+        "--source-uri",
+        metavar="URI",
+        help="instead of MANIFEST: compare this source MLflow server with the target "
+        "directly (its runs are exported to a temporary plan first; credentials as for "
+        "export, user:password@ in the URI first; default: none)",
+    )
+    vf.add_argument(
+        "--experiment",
+        action="append",
+        metavar="NAME_OR_ID",
+        help="with --source-uri: the source experiments to compare (repeatable; default: "
+        "every active experiment)",
+    )
+    vf.add_argument(
+        "--max-attempts",
+        metavar="N",
+        type=_in(MAX_ATTEMPTS),
+        default=5,
+        help="attempts per read (429, 5xx and no answer are retried; default: "
+        f"%(default)s; {MAX_ATTEMPTS.span})",
+    )
+    vf.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_in(TIMEOUT),
+        default=60.0,
+        help=f"seconds for one attempt (default: %(default)g; {TIMEOUT.span})",
     )
 
     v = sub.add_parser("validate", parents=[common], help="check manifests, no network")
@@ -401,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s = sub.add_parser(
-        "status", parents=[common], help="what a checkpoint says is done, failed, pending"
+        "status", parents=[common], help="what a checkpoint says is done, failed, not finished"
     )
     s.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint file of a job")
     s.add_argument(
@@ -469,8 +501,98 @@ def build_parser() -> argparse.ArgumentParser:
         type=_in(_SEED),
         help=f"for the chances above (default: random; {_SEED.span})",
     )
+    x = sub.add_parser(
+        "export",
+        parents=[common],
+        usage="%(prog)s --tracking-uri URI -o PLAN [options]",
+        help="read runs from an MLflow server into a migration plan",
+        description="Read the runs of an MLflow tracking server (an mlruns/ directory: "
+        "serve it with MLFLOW_ALLOW_FILE_STORE=true mlflow server --backend-store-uri "
+        "./mlruns) and write them as a plan: JSON Lines that batchlog upload sends. "
+        "Credentials as MLflow's client takes them: user:password@ in the URI, else "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD, else MLFLOW_TRACKING_TOKEN; TLS with "
+        "MLFLOW_TRACKING_SERVER_CERT_PATH or MLFLOW_TRACKING_INSECURE_TLS.",
+    )
+    x.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="the source MLflow server (required; default: env MLFLOW_TRACKING_URI)",
+    )
+    x.add_argument(
+        "-o",
+        "--output",
+        metavar="PLAN",
+        help="the plan file (required, no default): written beside it and renamed when "
+        "whole and checked; a name ending .gz is gzip; - streams it to stdout",
+    )
+    x.add_argument(
+        "--experiment",
+        action="append",
+        metavar="NAME_OR_ID",
+        help="export this experiment (a name, else an id; repeatable; default: every "
+        "active experiment)",
+    )
+    x.add_argument(
+        "--run-id",
+        action="append",
+        metavar="ID",
+        help="export this run, and its parents (repeatable; default: none, by experiment)",
+    )
+    x.add_argument(
+        "--run-ids",
+        metavar="FILE",
+        help="export the runs of FILE, one id a line (default: none, by experiment)",
+    )
+    x.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only runs that started or ended at or after TIME (ISO-8601, UTC unless it "
+        "says otherwise, or epoch ms; default: every run); MLflow runs have no update "
+        "time: a run that only logged data since, without starting or ending, is not "
+        "selected",
+    )
+    x.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_in(CONCURRENCY),
+        default=16,
+        help=f"runs read at once, and requests in flight, at most (default: %(default)s; "
+        f"{CONCURRENCY.span})",
+    )
+    x.add_argument(
+        "--rate",
+        metavar="R",
+        type=_in(RATE),
+        help="requests per second at most (default: none, the rate adapts to the server; "
+        f"{RATE.span})",
+    )
+    x.add_argument(
+        "--max-attempts",
+        metavar="N",
+        type=_in(MAX_ATTEMPTS),
+        default=8,
+        help=f"attempts per request (default: %(default)s; {MAX_ATTEMPTS.span})",
+    )
+    x.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_in(TIMEOUT),
+        default=60.0,
+        help=f"seconds for one attempt (default: %(default)g; {TIMEOUT.span})",
+    )
     p.commands = dict(sub.choices)
     return p
+
+
+# the values of the options every command has, when given neither before nor after it
+_COMMON_DEFAULTS: dict[str, object] = {
+    "verbose": False,
+    "quiet": False,
+    "log_format": "text",
+    "log_file": None,
+}
+_COMMANDS = ("upload", "verify", "validate", "status", "emulator", "export")
 
 
 def _output_flags(common: argparse.ArgumentParser) -> None:
@@ -510,6 +632,53 @@ def _target_flags(group: Any) -> None:
         metavar="URI",
         default=os.environ.get("MLFLOW_TRACKING_URI"),
         help="the MLflow server, with --target mlflow (default: env MLFLOW_TRACKING_URI)",
+    )
+
+
+def _oci_flags(target: Any, auth: Any) -> None:
+    """The flags of an AI Data Platform target and how requests to it are signed."""
+    target.add_argument(
+        "--platform-id",
+        metavar="OCID",
+        default=os.environ.get("BATCHLOG_PLATFORM_ID"),
+        help="AI Data Platform OCID (required; default: env BATCHLOG_PLATFORM_ID)",
+    )
+    target.add_argument(
+        "--workspace",
+        metavar="KEY",
+        default=os.environ.get("BATCHLOG_WORKSPACE"),
+        help="workspace key (required; default: env BATCHLOG_WORKSPACE)",
+    )
+    target.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="https://HOST[:PORT] (default: the endpoint of the profile's region)",
+    )
+    target.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="PEM file of CAs to trust, for private CAs (default: the system's)",
+    )
+    target.add_argument(
+        "--user-principal",
+        metavar="P",
+        help="send as the dh-user-principal header (default: not sent)",
+    )
+    auth.add_argument(
+        "--auth",
+        default="api_key",
+        choices=("api_key", "security_token", "instance_principal", "resource_principal"),
+        help="how requests are signed (default: %(default)s)",
+    )
+    auth.add_argument(
+        "--config-file",
+        metavar="FILE",
+        help="OCI config (default: env OCI_CONFIG_FILE, else ~/.oci/config)",
+    )
+    auth.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="OCI config profile (default: env OCI_CLI_PROFILE, else DEFAULT)",
     )
 
 
@@ -590,6 +759,13 @@ def _real_settings(args: argparse.Namespace) -> Settings:
         return dataclasses.replace(
             _settings(args, None, "", "", "", target=target), ca_bundle=ca, verify_tls=verify_tls
         )
+    oci, keys = _oci_target(args)
+    return _settings(args, keys, oci.endpoint, oci.platform_id, oci.workspace, site=oci.site)
+
+
+def _oci_target(args: argparse.Namespace) -> tuple[OciTarget, KeySource]:
+    """The AI Data Platform target and the key that signs for it, from the flags and the
+    OCI config (upload and verify alike)."""
     platform, workspace = check_ids(args.platform_id, args.workspace)
     from batchlog.auth import load_credentials
     from batchlog.transport import tls_context
@@ -603,7 +779,8 @@ def _real_settings(args: argparse.Namespace) -> Settings:
         endpoint = region_endpoint(creds.region)
     else:
         raise ConfigurationError("no --endpoint and no region in the OCI profile: give one")
-    return _settings(args, creds.keys, endpoint, platform, workspace)
+    site = "emulator" if platform == EMULATED_PLATFORM else ""  # the printed rehearsal command
+    return OciTarget(endpoint, platform, workspace, site=site), creds.keys
 
 
 async def _upload(args: argparse.Namespace, out: TextIO) -> int:
@@ -614,6 +791,23 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         from batchlog.emulator import Emulator, EmulatorConfig
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        # a rehearsal never shares a checkpoint with the real upload: its own files, and
+        # a target identity of its own (the port changes from run to run)
+        platform = args.platform_id or EMULATED_PLATFORM
+        workspace = args.workspace or EMULATED_WORKSPACE
+        settings = dataclasses.replace(
+            _settings(
+                args,
+                StaticKey(EMULATED_KEY_ID, key),
+                PLANNED_ENDPOINT,  # the emulator's URL once it listens
+                platform,
+                workspace,
+                site="emulator",
+            ),
+            checkpoint=args.checkpoint or default_checkpoint(args.manifests, "emulated"),
+            dead_letter=args.dead_letter or default_dead_letter(args.manifests, "emulated"),
+        )
+        _check_files(args, settings)  # the command line's mistakes before anything starts
         emulator = Emulator(
             EmulatorConfig(
                 public_key=key.public_key(),
@@ -624,53 +818,36 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
             )
         )
         url = await emulator.start()
-        # a rehearsal never shares a checkpoint with the real upload: its own files, and
-        # a target identity of its own (the port changes from run to run)
-        settings = dataclasses.replace(
-            _settings(
-                args,
-                StaticKey(EMULATED_KEY_ID, key),
-                url,
-                args.platform_id or EMULATED_PLATFORM,
-                args.workspace or EMULATED_WORKSPACE,
-                site="emulator",
-            ),
-            checkpoint=args.checkpoint or default_checkpoint(args.manifests, "emulated"),
-            dead_letter=args.dead_letter or default_dead_letter(args.manifests, "emulated"),
-        )
-        print(f"batchlog: emulator listening on {url} ({_emulated(args)})", file=out)
+        target = OciTarget(url, platform, workspace, site="emulator")
+        settings = dataclasses.replace(settings, target=target)
     else:
         settings = _real_settings(args)
     try:
         job = Job(args.manifests, settings, on_progress=console_of(out).progress)
-        check_output_paths(
-            args.manifests,
-            checkpoint=job.checkpoint_path,
-            dead_letter=job.dead_letter_path,
-            report=args.report,
-            log_file=getattr(args, "log_file", None),
-        )
+        _check_files(args, settings)
         job.open()
+        if emulator is not None:  # said once the job can start: no line before an error
+            print(f"batchlog: emulator listening on {emulator.url} ({_emulated(args)})", file=out)
         _print_paths(args, job.checkpoint_path, job.dead_letter_path, out)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, job, out)
+            await tg.start(_watch_signals, job, out)
             report = await job.run()
             tg.cancel_scope.cancel()
     finally:
         if emulator is not None:
             await emulator.stop()
-    if report.records == 0 and report.exit_code == EXIT_OK:  # an empty manifest: no zeros
-        said = f"nothing to upload: {_holds_no_records(args.manifests)}"
-        console_of(out).emit("summary", report.as_dict(), [f"batchlog: {said}"])
-    else:
-        console_of(out).summary(report)
-    if emulator is not None:
+    if emulator is not None:  # before the summary: with --log-format json, it is the last event
         answered = emulator.state.statuses
         print(
             f"batchlog: emulator applied {emulator.state.applied} calls; answered "
             f"{answered[429]} with 429, {answered[500]} with 500",
             file=out,
         )
+    if report.records == 0 and report.exit_code == EXIT_OK:  # an empty manifest: no zeros
+        said = f"nothing to upload: {_holds_no_records(args.manifests)}"
+        console_of(out).emit("summary", report.as_dict(), [f"batchlog: {said}"])
+    else:
+        console_of(out).summary(report)
     if args.report:
         try:
             with open(args.report, "wb") as f:
@@ -679,6 +856,20 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
             print(f"batchlog: error: cannot write --report {args.report}: {exc.strerror}", file=out)
             return max(report.exit_code, EXIT_SYSTEMIC)
     return report.exit_code
+
+
+def _check_files(args: argparse.Namespace, settings: Settings) -> None:
+    """What the job refuses of the files it is given (a manifest missing or given twice, an
+    output that is a manifest or another output), before anything starts."""
+    check_readable(args.manifests)
+    checkpoint, dead_letter = resolve_paths(settings, args.manifests)
+    check_output_paths(
+        args.manifests,
+        checkpoint=checkpoint,
+        dead_letter=dead_letter,
+        report=args.report,
+        log_file=args.log_file,
+    )
 
 
 def _emulated(args: argparse.Namespace) -> str:
@@ -693,22 +884,28 @@ def _emulated(args: argparse.Namespace) -> str:
     return ", ".join(said)
 
 
-async def _watch_signals(job: Job, out: TextIO) -> None:
+async def _watch_signals(
+    job: Job, out: TextIO, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     console = console_of(out)
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        stopping = False
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if stopping:  # unanswered calls are sent again on resume, with the same tokens
-                console.signal(name, f"{name} again: stopping now")
-            else:
-                console.signal(
-                    name,
-                    f"{name}: reading no more records, finishing in-flight requests "
-                    "(again to stop at once)",
-                )
-            stopping = True
-            job.request_stop()
+    try:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()  # the job starts once its signals are watched
+            stopping = False
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if stopping:  # unanswered calls are sent again on resume, with the same tokens
+                    console.signal(name, f"{name} again: stopping now")
+                else:
+                    console.signal(
+                        name,
+                        f"{name}: reading no more records, finishing in-flight requests "
+                        "(again to stop at once)",
+                    )
+                stopping = True
+                job.request_stop()
+    finally:
+        interrupts.hold()  # the job is over: its outcome (and exit code) stands
 
 
 # ---- other commands ------------------------------------------------------------------------
@@ -719,11 +916,30 @@ def _holds_no_records(manifests: list[str]) -> str:
     return f"{names} {'holds' if len(manifests) == 1 else 'hold'} no records"
 
 
-def _validate(args: argparse.Namespace, out: TextIO) -> int:
-    def show(rejection: Rejection) -> None:
-        print(str(rejection), file=sys.stdout)
+def _show_rejections(args: argparse.Namespace, out: TextIO) -> Callable[[Rejection], None]:
+    """How validate and --dry-run show an invalid line: ``FILE:LINE: field: reason`` on
+    stdout, or with --log-format json a ``failure`` event with the upload's fields (on
+    stderr even with -q: the invalid lines are what these commands are asked for)."""
+    console = console_of(out)
 
-    summary = check_manifests(args.manifests, show)
+    def show(rejection: Rejection) -> None:
+        if args.log_format != "json":
+            print(str(rejection), file=sys.stdout)
+            return
+        fields = {
+            "status": "rejected",
+            "code": "InvalidRecord",
+            "field": rejection.field,
+            "message": rejection.reason,
+            "source": rejection.source,
+        }
+        console.emit("failure", fields, [str(rejection)], loud=True)
+
+    return show
+
+
+def _validate(args: argparse.Namespace, out: TextIO) -> int:
+    summary = check_manifests(args.manifests, _show_rejections(args, out))
     if not summary.records:
         print(f"batchlog: no records in {', '.join(map(display_name, args.manifests))}", file=out)
         return EXIT_OK
@@ -742,12 +958,17 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         f"manifests  {', '.join(st.manifests)}",
         f"records    {st.succeeded:,} succeeded, {st.failed:,} failed, "
         f"{st.rejected:,} rejected, "
-        + (f"{st.pending:,} pending" if st.pending is not None else "pending unknown"),
+        + (
+            f"{st.not_finished:,} not finished (read or not: the same upload command goes on "
+            "with them)"
+            if st.not_finished is not None
+            else "not finished: unknown (the manifests cannot be read again)"
+        ),
     ]
     if st.runs_total is not None:
         lines.append(
             f"runs       {st.runs_total:,}: {st.runs_done:,} done, "
-            f"{st.runs_failed:,} with failures, {st.runs_pending:,} pending"
+            f"{st.runs_failed:,} with failures, {st.runs_not_finished:,} not finished"
         )
     if st.last_write:
         lines.append(
@@ -760,20 +981,185 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _verify(args: argparse.Namespace, out: TextIO) -> int:
-    if args.target != "mlflow":
-        raise ConfigurationError("verify reads runs back from MLflow: give --target mlflow")
-    target, ca, verify_tls = _mlflow_target(args)
-    report = await verify(
-        args.manifests, target, concurrency=args.concurrency, ca_bundle=ca, verify_tls=verify_tls
-    )
+    """``batchlog verify``: read back what the manifests (or a plan) say is on the target."""
+    target: Target
+    keys: KeySource | None = None
+    ca, verify_tls = args.ca_bundle, True
+    if args.target == "mlflow":
+        target, ca, verify_tls = _mlflow_target(args)
+    else:
+        target, keys = _oci_target(args)
+    pace = {
+        "concurrency": args.concurrency,
+        "timeout": args.timeout,
+        "max_attempts": args.max_attempts,
+        "ca_bundle": ca,
+        "verify_tls": verify_tls,
+        "user_principal": args.user_principal,
+    }
+    if args.source_uri:
+        # the source read as export reads it: MLflow's variables, the URI's user:password@
+        given = argparse.Namespace(tracking_uri=args.source_uri)
+        source, source_ca, source_tls = _mlflow_target(given)
+        experiments = tuple(args.experiment or ())
+        report = await verify_source(
+            source,
+            experiments,
+            target,
+            keys,
+            source_ca_bundle=source_ca,
+            source_verify_tls=source_tls,
+            **pace,
+        )
+    else:
+        report = await verify(args.manifests, target, keys, **pace)
     for line in report.missing:
         print(line, file=sys.stdout)
-    print(
+    runs = report.runs
+    said = (
         f"batchlog: verify: {report.records:,} records: {report.complete:,} on the server, "
-        f"{len(report.missing):,} missing or different, {report.invalid:,} invalid lines",
-        file=out,
+        f"{report.records - report.complete:,} missing or different, "
+        f"{report.invalid:,} invalid lines"
     )
+    if runs.runs:
+        said += (
+            f"; {runs.runs:,} runs of a plan: {runs.as_planned:,} as in the plan, "
+            f"{runs.missing:,} missing, {runs.copies:,} with copies, "
+            f"{runs.different:,} different"
+        )
+    print(said, file=out)
     return report.exit_code
+
+
+async def _export(args: argparse.Namespace, out: TextIO) -> int:
+    """``batchlog export``: the plan of a source MLflow server (batchlog.export)."""
+    from batchlog.export import (
+        ExportMismatch,
+        PlanFile,
+        Selection,
+        check_run_id,
+        export,
+        parse_since,
+        read_run_ids,
+    )
+    from batchlog.ratecontrol import make_gate
+    from batchlog.source import Source
+    from batchlog.transport import Transport
+
+    run_ids = list(args.run_id or [])
+    for run_id in run_ids:
+        check_run_id(run_id)
+    if args.run_ids:
+        try:
+            text = _read_input("--run-ids", args.run_ids).decode()
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"--run-ids {args.run_ids}: not UTF-8 text") from None
+        run_ids += read_run_ids(args.run_ids, text)
+        if not run_ids:
+            raise ConfigurationError(f"--run-ids {args.run_ids}: holds no run id")
+    since = parse_since(args.since) if args.since is not None else None
+    selection = Selection(tuple(args.experiment or ()), tuple(run_ids), since)
+    target, ca, verify_tls = _mlflow_target(args)
+    console = console_of(out)
+    plan = PlanFile(args.output, sys.stdout.buffer)
+    shown = "stdout" if args.output == STDIN else args.output
+    try:
+        async with Transport(
+            target,
+            None,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            ca_bundle=ca,
+            verify_tls=verify_tls,
+        ) as transport:
+            gate = make_gate(args.rate, adaptive=True)
+            source = Source(transport, gate, RetryPolicy(max_attempts=args.max_attempts))
+            report = await export(
+                source,
+                plan.stream,
+                selection,
+                concurrency=args.concurrency,
+                on_progress=_export_progress(console),
+            )
+        plan.commit()
+    except ExportMismatch as exc:
+        plan.abort()
+        _export_summary(console, exc.report, shown, EXIT_SYSTEMIC)
+        raise
+    except OSError as exc:  # a full disk (the plan, or a run spooled in TMPDIR), a closed pipe
+        plan.abort()
+        raise BatchlogError(
+            f"cannot write the plan ({shown}): {exc.strerror or exc}; nothing was put in place"
+        ) from None
+    except BaseException:
+        plan.abort()
+        raise
+    _export_summary(console, report, shown, EXIT_OK)
+    return EXIT_OK
+
+
+def _export_progress(console: Console) -> Callable[[Any], None]:
+    """An event every 5 s while the export runs (the upload's pace)."""
+    last = [time.monotonic()]
+
+    def show(p: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] < 5.0:
+            return
+        last[0] = now
+        limit = "" if math.isinf(p.rate) else f", rate limit {p.rate:,.0f} requests/s"
+        text = (
+            f"batchlog: export: {p.runs:,} runs written; experiment {p.experiment!r} "
+            f"({p.experiments_done + 1} of {p.experiments}): {p.experiment_done:,} of "
+            f"{p.experiment_runs:,} runs; {p.requests:,} requests, {p.retries:,} retries, "
+            f"{p.throttled:,} throttled{limit}"
+        )
+        fields = dataclasses.asdict(p)
+        fields["rate"] = None if math.isinf(p.rate) else round(p.rate, 1)
+        console.emit("progress", fields, [text])
+
+    return show
+
+
+def _export_summary(console: Console, r: Any, output: str, code: int) -> None:
+    """Runs exported per experiment, against the source's count, and the totals."""
+    lines = []
+    for c in r.experiments:
+        added = f" ({c.parents_added:,} of them parents of nested runs)" if c.parents_added else ""
+        said = "" if c.matches else ": MISMATCH"
+        lines.append(
+            f"batchlog: export: experiment {c.name!r} ({c.experiment_id}): {c.exported:,} runs "
+            f"exported, the source lists {c.source:,}{added}{said}"
+        )
+    where = f"written to {output}" if code == EXIT_OK else f"not written to {output}"
+    lines.append(
+        f"batchlog: export: {r.runs:,} runs in {len(r.experiments):,} experiments, "
+        f"{r.lines:,} plan lines {where}; {r.requests:,} requests, {r.retries:,} retries, "
+        f"{r.throttled:,} throttled; elapsed {r.elapsed_s:.1f} s"
+    )
+    fields = {
+        "runs": r.runs,
+        "lines": r.lines,
+        "output": output,
+        "experiments": [
+            {
+                "experiment_id": c.experiment_id,
+                "name": c.name,
+                "exported": c.exported,
+                "source": c.source,
+                "parents_added": c.parents_added,
+                "missing": c.missing,
+                "gone": c.gone,
+            }
+            for c in r.experiments
+        ],
+        "requests": r.requests,
+        "retries": r.retries,
+        "throttled": r.throttled,
+        "elapsed_s": round(r.elapsed_s, 3),
+        "exit_code": code,
+    }
+    console.emit("summary", fields, lines, loud=code != EXIT_OK)
 
 
 async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
@@ -853,6 +1239,7 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
             async for _ in signals:
                 break
     finally:
+        interrupts.hold()  # stopping: another Ctrl-C changes nothing
         await emulator.stop()
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -860,15 +1247,13 @@ async def _emulator(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _rehearsal_command(url: str, files: Files) -> str:
-    """The upload command that works against the emulator, as a shell reads it. The
-    rehearsal keeps its checkpoint and dead letter beside the key: the real upload's
-    checkpoint, next to the manifest, is never touched by it."""
+    """The upload command that works against the emulator, as a shell reads it, for any
+    manifest: the emulator's platform id gives each the checkpoint --emulate would."""
     from batchlog.emulator import rehearsal
 
     words = ["batchlog", "upload", "MANIFEST"]
     words += ["--config-file", files.config, "--endpoint", url]
     words += ["--platform-id", rehearsal.PLATFORM, "--workspace", rehearsal.WORKSPACE]
-    words += ["--checkpoint", files.checkpoint, "--dead-letter", files.dead_letter]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -898,9 +1283,24 @@ def _read_input(flag: str, path: str) -> bytes:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     console = Console(out or sys.stderr, json=json_requested(argv))  # every line an event
+    own = not interrupts.installed()  # called by a program, not the command: restore after
     try:
+        interrupts.arm()  # until a job watches for signals, one ends the command here
         return _main(argv, console.out)
+    except BaseException as exc:
+        name = interrupts.interrupted_by(exc)
+        if name is None:
+            raise
+        command = next((word for word in argv if word in _COMMANDS), "upload")
+        said = "interrupted before any request was sent" if command == "upload" else "interrupted"
+        text = [f"batchlog: {name}: {said}"]
+        console.emit("signal", {"signal": name, "message": said}, text, loud=True)
+        return EXIT_INTERRUPTED
     finally:
+        if own:
+            interrupts.restore()
+        else:
+            interrupts.hold()
         console.close()
 
 
@@ -915,10 +1315,10 @@ def _main(argv: list[str], out: TextIO) -> int:
         return EXIT_USAGE
     try:  # -q, -v, --log-file
         console_of(out).configure(
-            getattr(args, "log_format", "text") == "json",  # given before or after the command
-            getattr(args, "quiet", False),
+            args.log_format == "json",
+            args.quiet,
             args.verbose,
-            getattr(args, "log_file", None),
+            args.log_file,
             _inputs_and_outputs(args),
         )
     except ConfigurationError as exc:
@@ -935,6 +1335,8 @@ def _main(argv: list[str], out: TextIO) -> int:
             return _status(args, out)
         if args.command == "verify":
             return int(anyio.run(_verify, args, out))
+        if args.command == "export":
+            return int(anyio.run(_export, args, out))
         return int(anyio.run(_emulator, args, out))
     except ConfigurationError as exc:
         print(f"batchlog: error: {exc}", file=out)
@@ -942,9 +1344,6 @@ def _main(argv: list[str], out: TextIO) -> int:
     except BatchlogError as exc:
         print(f"batchlog: error: {exc}", file=out)
         return EXIT_SYSTEMIC
-    except KeyboardInterrupt:
-        print("\nbatchlog: interrupted", file=out)
-        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: one line, the traceback only when asked for
         if args.verbose:
             print(redact("".join(traceback.format_exception(exc))), end="", file=out)
@@ -980,7 +1379,7 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
     network, nothing written but --report. Exits as the run would if every request it
     plans succeeded (1: invalid lines, or failures of earlier runs; 3: it would refuse)."""
     target: Target | None = None
-    if args.emulate:  # the emulated run's own checkpoint and target identity
+    if args.emulate or args.platform_id == EMULATED_PLATFORM:  # its own checkpoint, identity
         platform = args.platform_id or EMULATED_PLATFORM
         workspace = args.workspace or EMULATED_WORKSPACE
         target = OciTarget(PLANNED_ENDPOINT, platform, workspace, site="emulator")
@@ -1011,9 +1410,7 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
         log_file=getattr(args, "log_file", None),
     )
 
-    def show(rejection: Rejection) -> None:
-        print(str(rejection), file=sys.stdout)
-
+    show = _show_rejections(args, out)
     try:
         plan = plan_upload(
             args.manifests, checkpoint, known, target, settings.grouping, args.restart, show
@@ -1029,7 +1426,7 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
         f"{plan.to_send:,} to send: {plan.requests:,} requests{doubt}"
     )
     if not plan.records:
-        said = f"nothing to upload: no records in {', '.join(map(display_name, args.manifests))}"
+        said = f"nothing to upload: {_holds_no_records(args.manifests)}"
     print(f"batchlog: dry run: {said}", file=out)
     rc = EXIT_SOME_FAILED if plan.invalid or plan.unsuccessful_before else EXIT_OK
     written = ""

@@ -225,6 +225,8 @@ def duration(seconds: float) -> str:
 
 
 def progress_text(c: Counters, rates: _Rates) -> str:
+    """The progress line, the facts that matter most first: a terminal 80 columns wide cuts
+    it after the ETA (found by review: it was cut before it), a wait on the server next."""
     records_s, requests_s = rates.per_s()
     total = c.total()
     if total is None:  # stdin, or nothing read yet
@@ -232,15 +234,13 @@ def progress_text(c: Counters, rates: _Rates) -> str:
     else:
         n, exact = total
         parts = [f"{c.finished:,} of {'' if exact else '~'}{n:,} records ({_percent(c, n):.0f}%)"]
-    parts.append(f"{records_s:,.0f} records/s ({requests_s:,.0f} requests/s)")
-    if not math.isinf(c.rate):
-        parts.append(f"rate limit {c.rate:,.0f} requests/s")
+    parts.append(f"{records_s:,.0f} records/s")
     eta = c.eta(records_s)
     if eta is not None:
         parts.append(f"ETA {duration(eta)}")
     wait = c.retry_after_left()
     if wait >= 1:
-        parts.append(f"waiting {duration(wait)} on the server's Retry-After")
+        parts.append(f"Retry-After {duration(wait)}")
     for count, word in (
         (c.failed, "failed"),
         (c.rejected, "rejected"),
@@ -249,6 +249,9 @@ def progress_text(c: Counters, rates: _Rates) -> str:
     ):
         if count:
             parts.append(f"{count:,} {word}")
+    parts.append(f"{requests_s:,.0f} requests/s")
+    if not math.isinf(c.rate):
+        parts.append(f"rate limit {c.rate:,.0f} requests/s")
     parts.append(f"{c.in_flight:,} in flight")
     return ", ".join(parts)
 

@@ -1,8 +1,11 @@
 """The dead-letter file: every record that did not succeed, as a manifest the user can fix.
 
-Each line is the original record, byte for byte, plus an ``_error`` object (status, code,
-message, source) as its last member.
-Fields starting with ``_`` are ignored on upload, so the file can be uploaded as it is.
+Each line is a JSON object whose last member is ``_error`` (status, code, message, source):
+the original line, byte for byte, with ``_error`` added; or, for a line that is not a JSON
+object (invalid JSON, not UTF-8, over-long), ``{"_raw": THE LINE AS TEXT, "_error": ...}``.
+Fields starting with ``_`` are ignored on upload, so a fixed file can be uploaded as it is;
+a line still holding ``_raw`` and no record is rejected again (validate.kept_as_text), and
+its next dead-letter line is the same with its ``_error`` replaced, never wrapped twice.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def dead_letter_line(raw: bytes, error: dict[str, Any]) -> bytes:
     that the fixed dead letter would send something else than the manifest said. A top-level
     ``_error`` already there (a dead letter uploaded again) is taken out, with its comma, so
     the line has one. A line that is not a JSON object (or nests deeper than the parser's
-    stack) is kept as the string ``_raw``.
+    stack) is kept as the string ``_raw``, with ``_error`` after it as in every other line.
     """
     note = b'"_error":' + orjson.dumps(error)
     try:
@@ -37,7 +40,7 @@ def dead_letter_line(raw: bytes, error: dict[str, Any]) -> bytes:
         members = top_level_spans(text)
     except ValueError:  # not UTF-8, or not a JSON object
         text = raw.decode("utf-8", errors="backslashreplace")
-        return orjson.dumps({"_error": error, "_raw": text})
+        return orjson.dumps({"_raw": text, "_error": error})
     for start, end in reversed(_error_cuts(text, members)):  # in order and apart
         text = text[:start] + text[end:]
     close = len(text.rstrip(" \t\r\n")) - 1  # the object's closing brace

@@ -7,7 +7,8 @@
 A call that fails the same way as the calls before it (401, a redirect, 404 or nothing
 listening before any success, or out of attempts) is held back rather than recorded as
 failed: a run of them says the job, not the record, is wrong, and the job stops (exit 3)
-with nothing recorded as failed, so the same command resumes once the cause is fixed.
+with those calls not recorded as failed, so the same command sends them once the cause is
+fixed (records that failed before the stop stay in the dead letter).
 
 Nothing in here prints; the CLI renders the counters and the report.
 """
@@ -53,10 +54,11 @@ from batchlog.manifest import (
     display_name,
     read_lines,
 )
+from batchlog.migrate import ALREADY_THERE, DEPENDENCY_FAILED, RunBook, create_run, resolve
 from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
 from batchlog.records import Record, Rejection
-from batchlog.report import Counters, Report, Status
+from batchlog.report import Counters, Report, Status, counted
 from batchlog.retry import NO_ANSWER, NOT_THE_API, Answer
 from batchlog.settings import Settings, resolve_paths
 from batchlog.target import MlflowTarget, Target
@@ -135,6 +137,10 @@ class Job:
         self._write_failed = False  # a flush failed: the checkpoint takes no more writes
         self._flushed = anyio.Event()  # set when what was journaled before it is on disk
         self._point: ResumePoint | None = None  # where the checkpoint says the job stands
+        self._book = RunBook({})  # a plan's runs: source -> target, and their calls' order
+        # a plan's calls left unsent, and the run each needs ("" for an update-run behind a
+        # held call of its run): their run's creation, or an earlier call, was held back
+        self._unresolved: list[tuple[Call, str]] = []
 
     # ---- control -------------------------------------------------------------------------
 
@@ -183,6 +189,7 @@ class Job:
         """
         if self._point is None:
             self._point = self._open_files()
+            self._book = RunBook(self._point.runs, self._point.found)
 
     async def run(self) -> Report:
         self.open()
@@ -370,6 +377,8 @@ class Job:
                     else parse_line(line.raw, key, source)
                 )
                 known = done.get(key)
+                if isinstance(item, Record) and item.source_run:
+                    item = self._check_plan_line(item, known is not None)
                 if known is not None:  # finished by an earlier run
                     if known != h:
                         raise ManifestChanged(self._changed(name, line.number))
@@ -412,7 +421,35 @@ class Job:
     async def _send_unfinished(self, send: MemoryObjectSendStream[Call], call: Call) -> None:
         assert self._point is not None
         for unfinished in calls_to_send(self.settings.target, call, self._point):
+            if unfinished.records[0].source_run:  # its place among its run's calls
+                ticket = self._book.ticket(unfinished.records[0].run_id)
+                unfinished = dataclasses.replace(unfinished, ticket=ticket)
             await send.send(unfinished)
+
+    def _check_plan_line(self, record: Record, done: bool) -> Record | Rejection:
+        """A plan's line names a run some create-run earlier in the job declares (a line an
+        earlier run finished is taken as it was). Reads create-run lines into the book."""
+        book, source = self._book, record.run_id
+        problem: tuple[str, str] | None = None
+        if record.op == "create-run":
+            parent = (record.fields or {}).get("parent_source_run_id")
+            if book.knows(source) and not done:
+                problem = ("source_run_id", "a second create-run for this run in the plan")
+            elif parent and not book.knows(str(parent)) and not done:
+                problem = (
+                    "parent_source_run_id",
+                    "no create-run for the parent run earlier in the plan (parents first)",
+                )
+            else:
+                book.declare(source, done)
+        elif not book.knows(source) and not done:
+            problem = (
+                "source_run_id",
+                "no create-run for this run earlier in the plan (a run's create-run first)",
+            )
+        if problem is None:
+            return record
+        return Rejection(record.seq, record.source, record.raw, *problem)
 
     def _changed(self, name: str, line: int) -> str:
         return (
@@ -448,7 +485,7 @@ class Job:
                     assert self._tg is not None
                     self._tg.start_soon(self._process_when_ready, call, tries)
                 else:
-                    await self._process(call, tries)
+                    await self._handle(call, tries)
 
     def _tries(self, call: Call) -> _Tries:
         assert self._point is not None
@@ -464,15 +501,77 @@ class Job:
         )
 
     def _not_idempotent(self, call: Call) -> bool:
-        # MLflow has no retry tokens and appends a model on every log-model call (its
-        # log-inputs stores a dataset once per run: that one is safe to resend)
-        return self._reads_back and call.op == "log-model"
+        # MLflow has no retry tokens, appends a model on every log-model call and makes a
+        # new run on every runs/create (its log-inputs stores a dataset once per run, its
+        # log-batch keeps a param, a tag and an identical metric point once: safe to resend)
+        return self._reads_back and call.op in ("log-model", "create-run")
 
     async def _process_when_ready(self, call: Call, tries: _Tries) -> None:
         with self._idle():
             await anyio.sleep(max(0.0, tries.ready_at - time.time()))
         if not self._draining:
+            await self._handle(call, tries)
+        elif call.ticket >= 0:
+            self._book.ended(call.records[0].run_id, call.ticket, call.op)
+
+    async def _handle(self, call: Call, tries: _Tries) -> None:
+        """Process a call; a plan's call once its run is known on the target (its
+        create-run has ended), or for an update-run once every call before it has ended."""
+        if call.ticket < 0:
             await self._process(call, tries)
+            return
+        source = call.records[0].run_id
+        try:
+            resolved = await self._resolve(call)
+            if resolved is not None:
+                if resolved.op in ("log-model", "log-inputs") and self._book.was_found(source):
+                    tries.read_back = tries.maybe_applied = True  # an earlier upload's run
+                await self._process(resolved, tries)
+        finally:
+            self._book.ended(source, call.ticket, call.op)
+
+    async def _resolve(self, call: Call) -> Call | None:
+        """The call as it goes out (its target run in it); None when it cannot go: its run
+        (or, for a create-run, its parent) failed to be created (the call is recorded as
+        failed) or was left unfinished (so is the call), or the job is stopping."""
+        book, source = self._book, call.records[0].run_id
+        needs = source
+        if call.op == "create-run":
+            parent = (call.records[0].fields or {}).get("parent_source_run_id")
+            if not parent:
+                return call
+            needs = str(parent)
+        elif call.op == "update-run":  # the run's status last
+            with self._idle():
+                await book.wait_before(source, call.ticket)
+            if book.held_before(source, call.ticket):  # it may still go (found by test)
+                if not self._draining:
+                    self._unresolved.append((call, ""))
+                return None
+        with self._idle():
+            run = await book.wait_created(needs)
+        if self._draining:
+            return None
+        if run.target is not None:
+            return (
+                call if call.op == "create-run" else resolve(self.settings.target, call, run.target)
+            )
+        if run.failure is not None:
+            self._not_created(call, needs, run.failure)
+            return None
+        self._unresolved.append((call, needs))  # its run's creation was held back
+        return None
+
+    def _not_created(self, call: Call, needs: str, failure: str) -> None:
+        whose = "its parent run" if needs != call.records[0].run_id else "its run"
+        self._record_failure(
+            call,
+            Answer(
+                DEPENDENCY_FAILED,
+                "RunNotCreated",
+                f"{whose} ({needs}) was not created on the target: {failure}",
+            ),
+        )
 
     @contextlib.contextmanager
     def _idle(self) -> Iterator[None]:
@@ -501,18 +600,25 @@ class Job:
             c.rate = self._gate.rate
             answer = await self._read_back(call, tries, transport)
             if answer is None:  # not applied yet: send it
-                await self._journal_sent(call, tries)
+                plan_run = call.op == "create-run" and call.records[0].source_run
+                if not plan_run:  # a create-run's is journaled as its runs/create goes out
+                    await self._journal_sent(call, tries)
                 async with self._run_lock(call), self._inflight:
                     c.in_flight += 1
                     c.requests += 1
                     try:
-                        answer = await transport.send(call)
+                        if plan_run:
+                            answer = await self._create_run(call, transport, tries)
+                        else:
+                            answer = await transport.send(call)
                     finally:
                         c.in_flight -= 1
             if answer.in_doubt:
                 tries.maybe_applied = True
                 if self._not_idempotent(call):
                     tries.read_back = True
+            elif not tries.maybe_applied and not 200 <= answer.status < 300:
+                self._journal.settled(call.records[0].seq)  # a 429, a 401: not applied
             verdict = policy.verdict(answer)
             if verdict == "ok":
                 self._gate.on_success()
@@ -557,11 +663,49 @@ class Job:
                 self._hold(_HeldCall(call, answer, kind, tries))
                 return
             if answer.status == 400 and len(call.records) > 1:
-                for single in split(s.target, call):  # one bad dataset must not sink the rest
-                    await self._process(single, _Tries())
+                for single in self._split(call):  # one bad dataset must not sink the rest
+                    await self._process(single, self._fresh_tries(single))
                 return
             self._record_failure(call, self._final(answer, tries))
             return
+
+    def _split(self, call: Call) -> list[Call]:
+        """One call per record of a merged call refused whole. A plan's go to the target run
+        the merged call went to (found by test: they went out as templates, naming the
+        source run, and were refused), and keep its place among its run's calls."""
+        singles = split(self.settings.target, call)
+        if call.ticket < 0:
+            return singles
+        return [
+            resolve(self.settings.target, dataclasses.replace(c, ticket=call.ticket), call.run_id)
+            for c in singles
+        ]
+
+    def _fresh_tries(self, call: Call) -> _Tries:
+        """A call's first attempt: read back first if it is a log-model or log-inputs of a
+        run an earlier upload made (it may have logged them already)."""
+        found = call.ticket >= 0 and self._book.was_found(call.records[0].run_id)
+        if found and call.op in ("log-model", "log-inputs"):
+            return _Tries(read_back=True, maybe_applied=True)
+        return _Tries()
+
+    async def _create_run(self, call: Call, transport: Transport, tries: _Tries) -> Answer:
+        parent = (call.records[0].fields or {}).get("parent_source_run_id")
+        parent_id = self._book.target_of(str(parent)) if parent else None
+
+        async def pace() -> None:  # each request of it passes the rate gate
+            await self._gate.acquire()
+            self.counters.requests += 1
+
+        async def sending() -> None:
+            # in doubt from when runs/create goes out, not from the attempt's start: the
+            # lookup and experiment before it may take most of the timeout, and a resume
+            # must wait until this runs/create can no longer land (found by test)
+            await self._journal_sent(call, tries)
+
+        return await create_run(
+            transport, self._book, self.settings.target, call, parent_id, pace, sending
+        )
 
     async def _read_back(self, call: Call, tries: _Tries, transport: Transport) -> Answer | None:
         """When the call may already be applied and nothing protects a resend, read its run
@@ -569,6 +713,9 @@ class Job:
         if not tries.read_back:
             return None
         self.counters.read_backs += 1
+        if call.op == "create-run":  # looked up by its source tag before it is created
+            tries.read_back = tries.maybe_applied = False
+            return None
         async with self._inflight:
             applied = await transport.is_applied(call)
         if applied is None:
@@ -596,7 +743,8 @@ class Job:
         if tries.first_sent is None:
             tries.first_sent = now
         tries.ready_at = now + self.settings.timeout  # when this attempt can no longer land
-        if tries.attempts == 1 or self._not_idempotent(call):
+        key = call.records[0].seq  # in doubt again if an answer had settled it (a 429)
+        if tries.attempts == 1 or self._not_idempotent(call) or not self._journal.in_doubt(key):
             self._journal.sent(
                 call.records[0].seq, tries.first_sent, tries.ready_at, len(call.records), call.token
             )
@@ -648,6 +796,8 @@ class Job:
         if not held.tries.maybe_applied:
             self._journal.settled(held.call.records[0].seq)  # no need to read it back
         self._held.append(held)
+        if held.call.ticket >= 0 and held.kind != "gave-up":  # may be sent again later
+            self._book.hold(held.call.records[0].run_id, held.call.ticket)
         self._streak += 1
         if self._streak >= self.settings.systemic_after:
             self._fail_job("stopped", self._systemic_message())
@@ -666,21 +816,44 @@ class Job:
             else:
                 self._record_failure(h.call, self._final(h.answer, h.tries))
         seqs = [r.seq for r in call.records]
-        self._journal.finish(seqs, answer.status, answer.request_id, answer.etag)
+        if call.ticket >= 0:
+            self._book.settle(call.records[0].run_id, call.ticket)
+        run: tuple[str, str, bool] | None = None
+        if call.op == "create-run" and call.records[0].source_run and answer.run_id:
+            run = (call.records[0].run_id, answer.run_id, answer.code == ALREADY_THERE)
+            self._book.created(*run)
+        self._journal.finish(seqs, answer.status, answer.request_id, answer.etag, run=run)
         self.counters.succeeded += len(call.records)
 
     def _settle_held(self) -> None:
-        """At the end of the work: held calls that are the records' own failures are recorded;
-        any other stops the job (exit 3) with nothing recorded, to be resumed."""
-        if self._stop_status is not None or not self._held:
+        """At the end of the work: held calls that are the records' own failures are recorded,
+        then the calls that waited on a create-run recorded failed so (found by test: they
+        were left unsent and unaccounted for, and the job "completed"); any other held call,
+        or a call still waiting, stops the job (exit 3) with nothing recorded, to be resumed."""
+        if self._stop_status is not None:
             return
-        if all(h.kind == "gave-up" for h in self._held):
+        if self._held and all(h.kind == "gave-up" for h in self._held):
             held, self._held = self._held, []
             for h in held:
                 self._record_failure(h.call, self._final(h.answer, h.tries))
-            return
-        self._stop_status = "stopped"
-        self._stop_message = self._systemic_message()
+        left: list[tuple[Call, str]] = []
+        for call, needs in sorted(self._unresolved, key=lambda u: u[0].records[0].seq):
+            failure = self._book.failure_of(needs) if needs else None
+            if failure is not None:  # parents first: a child's create-run fails before its calls
+                self._not_created(call, needs, failure)
+            else:
+                left.append((call, needs))
+        self._unresolved = left
+        if self._held:
+            self._stop_status = "stopped"
+            self._stop_message = self._systemic_message()
+        elif left:
+            n = sum(len(call.records) for call, _ in left)
+            self._stop_status = "stopped"
+            self._stop_message = (
+                f"stopped: {counted(n, 'record')} of runs whose creation, or an earlier call, "
+                "was held back were not sent; run the same command again: it sends them"
+            )
 
     def _final(self, answer: Answer, tries: _Tries) -> Answer:
         """The answer as the dead letter tells it: how many attempts, and whether it may
@@ -690,12 +863,20 @@ class Job:
             return dataclasses.replace(
                 answer,
                 code=answer.code or "NoAnswer",
-                message=f"gave up after {tries.attempts} attempts: {answer.message}{note}",
+                message=(
+                    f"gave up after {counted(tries.attempts, 'attempt')}: {answer.message}{note}"
+                ),
             )
         return answer
 
     def _record_failure(self, call: Call, answer: Answer) -> None:
         assert self._journal is not None and self._dead is not None
+        if call.ticket >= 0:
+            self._book.settle(call.records[0].run_id, call.ticket)
+        if call.op == "create-run" and call.records[0].source_run:
+            self._book.failed(
+                call.records[0].run_id, f"{answer.status} {answer.code}: {answer.message}"
+            )
         errors = [
             {
                 "status": answer.status,
@@ -736,23 +917,43 @@ class Job:
         unconfirmed = sum(len(h.call.records) for h in held if h.kind == "unconfirmed")
         if unconfirmed and len(held) == sum(1 for h in held if h.kind == "unconfirmed"):
             why = (
-                f"{unconfirmed} records may have been applied and could not be read back to "
-                "confirm it; they are not resent blindly"
+                f"{counted(unconfirmed, 'record')} may have been applied and could not be "
+                "read back to confirm it; they are not resent blindly"
             )
         else:
             kind = held[-1].kind if held else "gave-up"
             if kind == "gave-up":
                 why = (
-                    f"{len(self._held)} requests in a row got no usable answer after every "
-                    "attempt: the server looks down or overloaded"
+                    f"{counted(len(self._held), 'request')} in a row got no usable answer "
+                    "after every attempt: the server looks down or overloaded"
                 )
             else:
                 why = self.settings.target.systemic_hint(last.status)
         rid = f" (opc-request-id {last.request_id})" if last.request_id else ""
         return (
             f"stopped: {why}. Last answer: {last.status or 'none'} {last.code} "
-            f"{last.message}{rid}. Nothing was recorded as failed: fix the cause and run "
-            "the same command again."
+            f"{last.message}{rid}. {self._held_back()}"
+        )
+
+    def _held_back(self) -> str:
+        """What a stop leaves: the held calls are not failures (the same command sends
+        them), but records that failed before the stop are (found by review: the message
+        said "nothing was recorded as failed" with a dead letter already written)."""
+        n = sum(len(h.call.records) for h in self._held)
+        held = f"the {counted(n, 'record')} held back by the stop"
+        again = "run the same command again once the cause is fixed: it sends them"
+        if any(h.kind == "unconfirmed" for h in self._held):
+            again += " (reading back first those that may have been applied)"
+        c = self.counters
+        before = [f"{counted(c.failed, 'record')} failed"] if c.failed else []
+        if c.rejected:
+            before.append(f"{counted(c.rejected, 'invalid line')} rejected")
+        if not before:
+            return f"Nothing was recorded as failed in this run: for {held}, {again}."
+        return (
+            f"{held[0].upper()}{held[1:]} {'was' if n == 1 else 'were'} not recorded as "
+            f"failed: {again}. {' and '.join(before)} before the stop: they are in the dead "
+            f"letter {self.dead_letter_path}."
         )
 
     # ---- journal and progress --------------------------------------------------------------

@@ -142,6 +142,8 @@ class ResumePoint:
     dead_letter_size: int | None = None  # bytes of the dead letter the journal accounts for
     created: bool = False  # the checkpoint was created now: a new job, or --restart
     dead_letter_id: list[int] | None = None  # [device, inode] of the dead letter written
+    runs: dict[str, str] = field(default_factory=dict)  # a plan's source run -> target run
+    found: set[str] = field(default_factory=set)  # source runs whose target run was there
 
     @property
     def finished(self) -> int:
@@ -159,6 +161,7 @@ class ResumePoint:
                 "n": [self.counts.succeeded, self.counts.failed, self.counts.rejected],
                 "dl": self.dead_letter_size,
                 "dli": self.dead_letter_id,
+                "runs": [[k, v, int(k in self.found)] for k, v in sorted(self.runs.items())],
             }
         }
 
@@ -176,6 +179,11 @@ class ResumePoint:
             self.counts.tally(status, fresh)
             if keys:
                 self.doubt.pop(int(keys[0]), None)
+            run = doc.get("run")
+            if isinstance(run, list) and len(run) >= 2:
+                self.runs[str(run[0])] = str(run[1])
+                if len(run) > 2 and run[2]:
+                    self.found.add(str(run[0]))
         elif "w" in doc:
             self.advance(int(doc["w"]), _boundary(doc["at"]))
         elif "d" in doc:
@@ -206,6 +214,9 @@ class ResumePoint:
             self.dead_letter_size = snap.get("dl")
             dli = snap.get("dli")
             self.dead_letter_id = [int(x) for x in dli] if isinstance(dli, list) else None
+            runs = snap.get("runs", [])
+            self.runs = {str(r[0]): str(r[1]) for r in runs}
+            self.found = {str(r[0]) for r in runs if len(r) > 2 and r[2]}
 
     def advance(self, manifest: int, mark: Boundary) -> None:
         old = self.marks[manifest]
@@ -238,6 +249,8 @@ class Journal:
             done=dict(point.done),
             doubt=dict(point.doubt),
             counts=Counts(point.counts.succeeded, point.counts.failed, point.counts.rejected),
+            runs=dict(point.runs),
+            found=set(point.found),
         )
         self._low = [m.records for m in point.marks]  # per manifest: first record not finished
         self._bounds: list[deque[Boundary]] = [deque() for _ in point.marks]  # passed, pending
@@ -265,7 +278,12 @@ class Journal:
         self._advance(manifest)
 
     def finish(
-        self, keys: Sequence[int], status: int | str, request_id: str = "", etag: str = ""
+        self,
+        keys: Sequence[int],
+        status: int | str,
+        request_id: str = "",
+        etag: str = "",
+        run: tuple[str, str, bool] | None = None,
     ) -> None:
         """Record that the records ``keys`` (one call's) are finished, at the next flush.
 
@@ -278,6 +296,8 @@ class Journal:
             entry["rid"] = request_id
         if etag:
             entry["etag"] = etag
+        if run is not None:  # a create-run's: source run -> the target run, found or made
+            entry["run"] = [run[0], run[1], int(run[2])]
         self._buffer.append(seal(entry))
         self._state.apply(entry)
         for m in {manifest_of(key) for key in keys}:
@@ -296,10 +316,17 @@ class Journal:
         self._state.apply(entry)
 
     def settled(self, key: int) -> None:
-        """A call left unfinished is known not to have been applied."""
+        """A call not finished is known not to have been applied (answered 429, 401, ...,
+        with no earlier attempt that may have landed): no longer in doubt, so a resume (and
+        a dry run) neither counts it as sent and never answered, nor reads it back, nor
+        holds its lines to what was sent. Its next attempt is journaled as sent again."""
         if key in self._state.doubt:
             self._buffer.append(seal({"c": key}))
             self._state.doubt.pop(key)
+
+    def in_doubt(self, key: int) -> bool:
+        """Whether the call named by its first record ``key`` is journaled as in doubt."""
+        return key in self._state.doubt
 
     def _advance(self, manifest: int) -> None:
         state, base = self._state, manifest << KEY_BITS
@@ -451,26 +478,72 @@ def _create(path: str, header: dict[str, Any]) -> tuple[Journal, ResumePoint]:
     return Journal(path, open(path, "ab", buffering=0), point, 0), point
 
 
+OTHER_JOB_HINT = "use --restart to start over, or give another --checkpoint"
+
+
 def _check_same_job(
     path: str, existing: dict[str, Any], header: dict[str, Any], point: ResumePoint
 ) -> None:
-    hint = "use --restart to start over, or give another --checkpoint"
     if existing.get("target") != header["target"]:
         raise CheckpointError(
             f"checkpoint {path} belongs to another target "
-            f"({without_userinfo(str(existing.get('target')))}); {hint}"
+            f"({without_userinfo(str(existing.get('target')))}); {OTHER_JOB_HINT}"
         )
-    old, new = existing.get("manifests"), header["manifests"]
-    if old != new:
-        raise CheckpointError(
-            f"checkpoint {path} was written for manifests {old}, not {new}; {hint}"
+    problem = other_job(path, existing, header["manifests"], header["grouping"], point)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def other_job(
+    path: str,
+    existing: dict[str, Any],
+    manifests: list[str],
+    grouping: dict[str, int],
+    point: ResumePoint,
+) -> str:
+    """Why the checkpoint ``existing`` (its header) is not this job's: other manifests, or
+    other merge settings once anything was done; "" if neither. Shared with the dry run, so
+    that both say it in the same words: the manifests and flags as the user types them."""
+    old = existing.get("manifests")
+    if old != manifests:
+        return (
+            f"checkpoint {path} was written for manifests {_names(old)} "
+            f"(this job names {_names(manifests)}); {OTHER_JOB_HINT}"
         )
-    if existing.get("grouping") != header["grouping"] and (point.finished or point.doubt):
-        raise CheckpointError(
-            f"checkpoint {path} was written with grouping {existing.get('grouping')}; "
-            f"resuming with {header['grouping']} would change retry tokens; "
-            f"use the same --max-datasets-per-request, or {hint}"
+    before = existing.get("grouping")
+    if before == grouping or not (point.finished or point.doubt):
+        return ""
+    return (
+        f"checkpoint {path} was written with another grouping ({_grouping(before, grouping)}): "
+        f"resuming would change how records are merged, and so their retry tokens; "
+        f"use the same --max-datasets-per-request, or {OTHER_JOB_HINT}"
+    )
+
+
+def _names(manifests: object) -> str:
+    if not isinstance(manifests, list) or not manifests:
+        return "(none recorded)"
+    return ", ".join(str(m) for m in manifests)
+
+
+def _grouping(before: object, now: dict[str, int]) -> str:
+    """How two merge settings differ, in the words of the flag (or of the library's
+    GroupLimits, for the size no flag sets)."""
+    old = before if isinstance(before, dict) else {}
+    parts = []
+    if old.get("max_datasets") != now["max_datasets"]:
+        parts.append(
+            f"--max-datasets-per-request {old.get('max_datasets', 'unknown')}, "
+            f"not {now['max_datasets']}"
         )
+    if old.get("max_body") != now["max_body"]:
+        was = old.get("max_body")
+        parts.append(
+            f"merged calls of at most {was:,} bytes, not {now['max_body']:,}"
+            if isinstance(was, int)
+            else f"merged calls of at most {now['max_body']:,} bytes, not as recorded"
+        )
+    return "; ".join(parts) or "recorded differently"
 
 
 def read_checkpoint(path: str, repair: bool = False) -> tuple[dict[str, Any], ResumePoint]:

@@ -34,15 +34,22 @@ class Call:
     body: bytes  # canonical JSON, identical on every attempt and every run
     token: str  # opc-retry-token: a digest of the target, the operation and the body
     body_sha256: str  # base64 SHA-256 of body, for the x-content-sha256 header
+    ticket: int = -1  # a plan's call: its place among its run's calls (batchlog.migrate)
 
 
 def make_call(target: Target, records: tuple[Record, ...]) -> Call:
+    """The call for ``records``. A plan's call names its run by the source run id: its body
+    is a template until that run's target id is known (``batchlog.migrate.resolve``), and
+    its retry token is derived from the template, so that it never depends on the target
+    run's id (the same on every attempt and every run, as for any call)."""
     first = records[0]
-    doc: dict[str, Any] = {"run_id": first.run_id}
+    doc: dict[str, Any] = {"source_run_id" if first.source_run else "run_id": first.run_id}
     if first.op == "log-inputs":
         doc[target.datasets_field] = [d for r in records for d in r.dataset_inputs]
-    else:
+    elif first.op == "log-model":
         doc["model_json"] = first.model_json
+    else:
+        doc.update(first.fields or {})
     body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256(body).digest()
     token_src = hashlib.sha256(f"{target.token_scope}\n{first.op}\n".encode() + body).hexdigest()
@@ -87,6 +94,7 @@ class Grouper:
         if self._pending and (
             record.seq in self._fixed  # an earlier call starts here
             or self._pending[0].run_id != record.run_id
+            or self._pending[0].source_run != record.source_run
             or (
                 self._limit is None
                 and (

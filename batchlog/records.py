@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Op = Literal["log-inputs", "log-model"]
-OPS: tuple[Op, ...] = ("log-inputs", "log-model")
+Op = Literal["log-inputs", "log-model", "create-run", "log-batch", "update-run"]
+OPS: tuple[Op, ...] = ("log-inputs", "log-model", "create-run", "log-batch", "update-run")
+PLAN_OPS: tuple[Op, ...] = ("create-run", "log-batch", "update-run")  # migration plans only
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +23,11 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One valid manifest line: one log-inputs or log-model call's worth of data."""
+    """One valid manifest line: one call's worth of data.
+
+    A migration plan's lines name their run by ``source_run_id`` (its id on the source
+    server): ``run_id`` holds that id and ``source_run`` is set; the target run it maps to
+    is known only once the run's create-run record is done (batchlog.migrate)."""
 
     seq: int  # position among the job's non-blank lines, 0-based, stable across runs
     source: str  # "FILE:LINE", for messages and the dead letter
@@ -30,6 +36,9 @@ class Record:
     run_id: str
     dataset_inputs: tuple[dict[str, Any], ...]  # log-inputs only
     model_json: str  # log-model only: the MLmodel document's JSON text, as written
+    source_run: bool = False  # run_id is a source run id (a plan's line)
+    # create-run, log-batch, update-run: the request's fields, validated (batchlog.validate)
+    fields: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,6 +167,11 @@ class Report:
         )
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 attempt", "2 attempts", "1,024 records"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def utc_iso(unix: float) -> str:
     """``unix`` as UTC ISO 8601 to the millisecond: 2026-11-22T10:00:00.123Z."""
     moment = datetime.fromtimestamp(unix, timezone.utc)

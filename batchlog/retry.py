@@ -47,6 +47,7 @@ class Answer:
     etag: str = ""
     retry_after: float | None = None  # seconds, from a Retry-After header
     sent: bool = True  # False: the request never reached the server
+    run_id: str = ""  # a create-run's: the target run it made or found
 
     @property
     def in_doubt(self) -> bool:

@@ -12,7 +12,7 @@ from batchlog.manifest import STDIN
 from batchlog.plan import GroupLimits
 from batchlog.retry import RetryPolicy
 from batchlog.signing import KeySource
-from batchlog.target import Target
+from batchlog.target import OciTarget, Target
 from batchlog.transport import tls_context
 
 
@@ -121,31 +121,51 @@ def _stem(manifest: str) -> str:
 
 
 _AGAIN = re.compile(r"\.dead-letter(?:-(\d+))?$")
+EMULATED = "emulated"  # the kind of a job whose calls go to the emulator
+EMULATOR_SITE = "emulator"  # the OciTarget.site of such a job: one site, whatever its port
+
+
+def _kind_of(target: Target) -> str:
+    """``emulated`` for a job sent to the emulator (``--emulate``, or the command
+    ``batchlog emulator`` prints): its files are named apart from the real upload's."""
+    return EMULATED if isinstance(target, OciTarget) and target.site == EMULATOR_SITE else ""
+
+
+def _naming(manifests: list[str], kind: str) -> tuple[str, str, int]:
+    """The first manifest's stem, the stem without ``.dead-letter[-N]`` and ``N`` (0: not a
+    dead letter, 1 for ``.dead-letter``). ``kind`` is added to both, once: a name that has
+    it already (a rehearsal's dead letter, rehearsed again) is not marked twice."""
+    stem = _stem(manifests[0])
+    again = _AGAIN.search(stem)
+    base, rounds = stem, 0
+    if again:  # x.dead-letter is round 1 (so is a stray x.dead-letter-0)
+        base, rounds = stem[: again.start()], max(1, int(again.group(1) or 0))
+    if kind and not base.endswith(f".{kind}"):
+        # after the whole stem in the checkpoint: x.dead-letter rehearsed is not the job of
+        # x.emulated.dead-letter (the rehearsal's own dead letter)
+        stem, base = f"{stem}.{kind}", f"{base}.{kind}"
+    return stem, base, rounds
 
 
 def default_checkpoint(manifests: list[str], kind: str = "") -> str:
-    """``kind`` keeps apart jobs that must never share a checkpoint (``emulated`` runs)."""
-    return _stem(manifests[0]) + (f".{kind}" if kind else "") + ".batchlog-checkpoint"
+    """``STEM.batchlog-checkpoint``; ``kind`` keeps apart jobs that must never share a
+    checkpoint (``STEM.emulated.batchlog-checkpoint`` for ``emulated`` runs)."""
+    return _naming(manifests, kind)[0] + ".batchlog-checkpoint"
 
 
 def default_dead_letter(manifests: list[str], kind: str = "") -> str:
     """``STEM.dead-letter.jsonl``; for a dead letter uploaded again (``x.dead-letter.jsonl``
     or ``x.dead-letter-N.jsonl``), ``x.dead-letter-2.jsonl`` (``N+1``): a counter, so that
-    names never grow and never name the manifest itself."""
-    stem = _stem(manifests[0])
-    again = _AGAIN.search(stem)
-    suffix = ".dead-letter"
-    if again:
-        stem = stem[: again.start()]
-        suffix += f"-{int(again.group(1) or 1) + 1}"
-    if kind and not (again and stem.endswith(f".{kind}")):  # an emulated one uploaded again
-        stem += f".{kind}"
-    return stem + suffix + ".jsonl"
+    names never grow and never name the manifest itself. ``kind`` goes before
+    ``.dead-letter``, once (``x.emulated.dead-letter-2.jsonl``)."""
+    _, base, rounds = _naming(manifests, kind)
+    return base + ".dead-letter" + (f"-{rounds + 1}" if rounds else "") + ".jsonl"
 
 
 def resolve_paths(settings: Settings, manifests: list[str]) -> tuple[str, str]:
-    checkpoint = settings.checkpoint or default_checkpoint(manifests)
-    dead_letter = settings.dead_letter or default_dead_letter(manifests)
+    kind = _kind_of(settings.target)
+    checkpoint = settings.checkpoint or default_checkpoint(manifests, kind)
+    dead_letter = settings.dead_letter or default_dead_letter(manifests, kind)
     check_output_paths(manifests, checkpoint=checkpoint, dead_letter=dead_letter)
     return checkpoint, dead_letter
 

@@ -14,6 +14,8 @@ from batchlog.errors import ConfigurationError
 from batchlog.retry import NO_ANSWER, Answer
 
 API_VERSION = "20260430"
+# where each operation of a call goes, under the MLflow API prefix (else runs/{op})
+OP_PATHS = {"create-run": "runs/create", "log-batch": "runs/log-batch", "update-run": "runs/update"}
 _SCHEME = re.compile(r"(?:^|/)[A-Za-z][A-Za-z0-9+.-]*://")  # "https://", "mlflow/https://"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a header value cannot hold these
 
@@ -119,10 +121,14 @@ class OciTarget:
         return urlsplit(self.endpoint).netloc
 
     def path(self, op: str) -> str:
-        """The path of ``runs/{op}``: "log-inputs", "log-model" or "get"."""
+        """The path of an operation: a call's op ("log-inputs", "create-run", ...) or "get"."""
+        return self.api_path(OP_PATHS.get(op, f"runs/{op}"))
+
+    def api_path(self, rel: str) -> str:
+        """The path of ``rel`` (e.g. "experiments/get-by-name") under the MLflow prefix."""
         return (
             f"/{API_VERSION}/aiDataPlatforms/{quote(self.platform_id, safe='')}"
-            f"/workspaces/{quote(self.workspace, safe='')}/mlops/api/2.0/mlflow/runs/{op}"
+            f"/workspaces/{quote(self.workspace, safe='')}/mlops/api/2.0/mlflow/{rel}"
         )
 
     def in_doubt_note(self) -> str:
@@ -210,7 +216,12 @@ class MlflowTarget:
         return urlsplit(self.endpoint).netloc
 
     def path(self, op: str) -> str:
-        return f"{self.prefix}/api/2.0/mlflow/runs/{op}"
+        """The path of an operation: a call's op ("log-inputs", "create-run", ...) or "get"."""
+        return self.api_path(OP_PATHS.get(op, f"runs/{op}"))
+
+    def api_path(self, rel: str) -> str:
+        """The path of ``rel`` (e.g. "experiments/get-by-name") under the MLflow prefix."""
+        return f"{self.prefix}/api/2.0/mlflow/{rel}"
 
     def in_doubt_note(self) -> str:
         # only log-inputs gets here: a log-model that may have been applied is read back

@@ -7,8 +7,10 @@ it neither blocks the event loop nor waits behind anything else; retries sleep o
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import errno
+import hashlib
 import html
 import itertools
 import json
@@ -35,6 +37,7 @@ from yarl import URL
 from batchlog.errors import ConfigurationError, redact
 from batchlog.files import UnusableFile, read_ca_bundle
 from batchlog.plan import Call
+from batchlog.records import OPS
 from batchlog.retry import (
     BAD_STATUS,
     CANNOT_CONNECT,
@@ -239,11 +242,10 @@ class Transport:
             self._fixed_headers["dh-user-principal"] = user_principal
         if isinstance(target, MlflowTarget) and target.authorization:
             self._fixed_headers["authorization"] = target.authorization
+        self._paths = {op: target.path(op) for op in OPS}
         self._urls = {
-            op: URL(target.endpoint + target.path(op), encoded=True)
-            for op in ("log-inputs", "log-model")
+            op: URL(target.endpoint + path, encoded=True) for op, path in self._paths.items()
         }
-        self._paths = {op: target.path(op) for op in ("log-inputs", "log-model")}
         self._session: aiohttp.ClientSession | None = None
         self._signers: SigningPool | None = None
         self._ids = RequestIds()
@@ -283,53 +285,117 @@ class Transport:
         connect timeout) or a request that could not be signed is answered with
         ``sent=False``: it never reached the server, so it is not in doubt.
         """
+        answer, _ = await self._post(
+            self._urls[call.op], self._paths[call.op], call.body, call.body_sha256, call.token
+        )
+        return answer
+
+    async def request(
+        self,
+        rel: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, str] | None = None,
+        token: str = "",
+        large: bool = False,
+    ) -> tuple[Answer, Any]:
+        """One attempt at an API call under the MLflow prefix (``rel``, e.g.
+        "experiments/get-by-name"): a POST of ``body`` (JSON; with ``token`` as its retry
+        token on OCI), or a GET with ``query`` when ``body`` is None. The answer, as
+        ``send`` describes it, and on a 2xx the JSON object it held (else None). A GET's
+        answer, or a POST's with ``large`` (a search's page), is read up to 64 MiB."""
+        path = self._target.api_path(rel)
+        if body is None:
+            if query:
+                path += "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
+            return await self._get(path)
+        data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        return await self._post(
+            URL(self._target.endpoint + path, encoded=True), path, data, sha, token, large
+        )
+
+    async def _post(
+        self, url: URL, path: str, body: bytes, body_sha256: str, token: str, large: bool = False
+    ) -> tuple[Answer, Any]:
         assert self._session is not None and self._signers is not None
         headers = dict(self._fixed_headers)
         request_id = ""
         if self._keys is not None:
             request_id = self._ids.next()
             headers["opc-request-id"] = request_id
-            headers["opc-retry-token"] = call.token
+            if token:
+                headers["opc-retry-token"] = token
             try:
                 signed, generation = await self._signers.run(
-                    _sign,
-                    post_headers,
-                    self._keys,
-                    self._paths[call.op],
-                    self._host,
-                    len(call.body),
-                    call.body_sha256,
+                    _sign, post_headers, self._keys, path, self._host, len(body), body_sha256
                 )
             except Exception as exc:  # a principal token that cannot be fetched, a broken key
-                return Answer(NO_ANSWER, SIGNING_FAILED, type(exc).__name__, request_id, sent=False)
+                kind = type(exc).__name__
+                return Answer(NO_ANSWER, SIGNING_FAILED, kind, request_id, sent=False), None
             _signed_with.set(generation)
             headers.update(signed)
-            headers["x-content-sha256"] = call.body_sha256
+            headers["x-content-sha256"] = body_sha256
         try:
             async with self._session.post(
-                self._urls[call.op], data=call.body, headers=headers, allow_redirects=False
+                url, data=body, headers=headers, allow_redirects=False
             ) as resp:
-                payload, cut = await _read_capped(resp, _MAX_BODY)
-                return _answer(resp.status, resp.headers, payload, request_id, cut)
+                # ``large``: a search's page (export), read as a run is, up to _MAX_RUN
+                payload, cut = await _read_capped(resp, _MAX_RUN if large else _MAX_BODY)
+                if large and cut and resp.status == 200:
+                    problem = f"answer too large (over {_MAX_RUN >> 20} MiB)"
+                    return Answer(NO_ANSWER, NOT_THE_API, problem, request_id, sent=False), None
+                answer = _answer(resp.status, resp.headers, payload, request_id, cut)
+                return answer, _result(answer, payload)
         # A connector error is raised while the connection is being made, before any byte
         # of the request is written; aiohttp re-sends on a fresh connection only for
         # idempotent methods, never a POST, so it never follows a request that went out. A
         # reset of a kept-alive connection is a ClientOSError or ServerDisconnectedError
         # instead: the request may have been applied, it stays in doubt.
         except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake/certificate
-            return Answer(NO_ANSWER, CANNOT_CONNECT, _connect_problem(exc), request_id, sent=False)
+            problem = _connect_problem(exc)
+            return Answer(NO_ANSWER, CANNOT_CONNECT, problem, request_id, sent=False), None
         except aiohttp.ConnectionTimeoutError:  # the connection was never made
-            return Answer(
-                NO_ANSWER,
-                CANNOT_CONNECT,
-                f"connection to {self._host} timed out",
-                request_id,
-                sent=False,
-            )
+            problem = f"connection to {self._host} timed out"
+            return Answer(NO_ANSWER, CANNOT_CONNECT, problem, request_id, sent=False), None
         except asyncio.TimeoutError:
-            return Answer(NO_ANSWER, "Timeout", "no answer within the timeout", request_id)
+            return Answer(NO_ANSWER, "Timeout", "no answer within the timeout", request_id), None
         except aiohttp.ClientError as exc:  # e.g. a kept-alive connection reset: may have landed
-            return Answer(NO_ANSWER, type(exc).__name__, _one_line(str(exc)), request_id)
+            return Answer(NO_ANSWER, type(exc).__name__, _one_line(str(exc)), request_id), None
+
+    async def _get(self, path_and_query: str) -> tuple[Answer, Any]:
+        """One GET (OCI: signed over ``date (request-target) host``): the answer and, on a
+        2xx, the JSON object it held. Nothing a GET does can be applied twice."""
+        assert self._session is not None and self._signers is not None
+        headers = {k: v for k, v in self._fixed_headers.items() if k != "content-type"}
+        request_id = ""
+        if self._keys is not None:
+            request_id = headers["opc-request-id"] = self._ids.next()
+            try:
+                signed, _ = await self._signers.run(
+                    _sign, get_headers, self._keys, path_and_query, self._host
+                )
+            except Exception as exc:
+                kind = type(exc).__name__
+                return Answer(NO_ANSWER, SIGNING_FAILED, kind, request_id, sent=False), None
+            headers.update(signed)
+        url = URL(self._target.endpoint + path_and_query, encoded=True)
+        try:
+            async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+                limit = _MAX_RUN if resp.status == 200 else _MAX_BODY
+                payload, cut = await _read_capped(resp, limit)
+                if resp.status == 200 and cut:
+                    problem = f"answer too large (over {_MAX_RUN >> 20} MiB)"
+                    return Answer(NO_ANSWER, NOT_THE_API, problem, request_id, sent=False), None
+                answer = _answer(resp.status, resp.headers, payload, request_id, False)
+                return answer, _result(answer, payload)
+        except aiohttp.ClientConnectorError as exc:
+            problem = _connect_problem(exc)
+            return Answer(NO_ANSWER, CANNOT_CONNECT, problem, request_id, sent=False), None
+        except asyncio.TimeoutError:
+            return Answer(NO_ANSWER, "Timeout", "no answer within the timeout", request_id), None
+        except aiohttp.ClientError as exc:
+            return Answer(NO_ANSWER, type(exc).__name__, _one_line(str(exc)), request_id), None
 
     @property
     def target(self) -> Target:
@@ -395,6 +461,8 @@ class Transport:
         its model (by ``model_identity``) among the run's logged models; log-inputs, every
         (name, digest) of its datasets among the run's dataset inputs. None when the run
         cannot be read now (or its model history cannot be parsed)."""
+        if call.op in ("log-batch", "update-run"):
+            return False  # sent again as it was: a replay changes nothing (README)
         run = await self.get_run(call.run_id)
         if run is None:
             return None
@@ -402,8 +470,8 @@ class Transport:
             models = _history(run)
             if models is None:
                 return None
-            try:
-                ours = model_identity(parse_model(call.records[0].model_json))
+            try:  # the model as sent: a plan's has its run_id rewritten to the target run
+                ours = model_identity(parse_model(_sent_model_json(call)))
             except ValueError:
                 return None
             return any(model_identity(m) == ours for m in models)
@@ -414,6 +482,17 @@ class Transport:
                 if (dataset.get("name"), dataset.get("digest")) not in have:
                     return False
         return True
+
+
+def _result(answer: Answer, payload: bytes) -> Any:
+    """The JSON object of a 2xx answer that is the API's (``_answer`` checked it), else None."""
+    if not 200 <= answer.status < 300 or answer.code:
+        return None
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -624,6 +703,18 @@ def logged_datasets(run: dict[str, Any]) -> set[tuple[str, str]]:
 # utc_time_created goes through str(). Checked against a real `mlflow server`
 # (tests/test_transport.py).
 _MODEL_FIELDS_KEPT = ("artifact_path", "run_id", "utc_time_created")
+
+
+def _sent_model_json(call: Call) -> str:
+    """The model_json a log-model call sends (its body's), as text."""
+    try:
+        doc = orjson.loads(call.body)
+    except orjson.JSONDecodeError:
+        raise ValueError("not JSON") from None
+    text = doc.get("model_json") if isinstance(doc, dict) else None
+    if not isinstance(text, str):
+        raise ValueError("no model_json")
+    return text
 
 
 def model_identity(model: dict[str, Any]) -> str:

@@ -24,7 +24,17 @@ from batchlog.limits import (
     TAG_VALUE_MAX,
 )
 from batchlog.manifest import display_name, read_lines
-from batchlog.records import OPS, Op, Record, Rejection
+from batchlog.planfields import (
+    CREATE_RUN_FIELDS,
+    LOG_BATCH_FIELDS,
+    UPDATE_RUN_FIELDS,
+    FieldError,
+    create_run_fields,
+    log_batch_fields,
+    update_run_fields,
+)
+from batchlog.planfields import source_run_id as plan_source_run_id
+from batchlog.records import OPS, PLAN_OPS, Op, Record, Rejection
 
 RECORD_FIELDS = ("op", "run_id", "dataset_inputs", "datasets", "model_json")
 INPUT_FIELDS = ("dataset", "tags")
@@ -84,8 +94,16 @@ def _parse(raw: bytes, seq: int, source: str) -> Record:
     doc = _load_json(line, "", "invalid JSON")
     if not isinstance(doc, dict):
         raise Invalid("(line)", f"expected a JSON object, got {_kind(doc)}")
+    if isinstance(doc.get("_raw"), str) and all(key.startswith("_") for key in doc):
+        raise Invalid("_raw", kept_as_text(doc))
+    if doc.get("op") in PLAN_OPS or "source_run_id" in doc:
+        return _plan_record(doc, raw, seq, source, line)
     _reject_unknown(doc, RECORD_FIELDS, "")
     op = _op(doc)
+    return _data_record(doc, op, _run_id(doc), False, raw, seq, source, line)
+
+
+def _run_id(doc: dict[str, Any]) -> str:
     run_id = doc.get("run_id")
     if run_id is None:
         raise Invalid("run_id", "required")
@@ -93,13 +111,86 @@ def _parse(raw: bytes, seq: int, source: str) -> Record:
         raise Invalid("run_id", f"expected a string, got {_kind(run_id)}")
     if not RUN_ID_PATTERN.fullmatch(run_id):
         raise Invalid("run_id", f"{_short(run_id)} does not match ^[a-zA-Z0-9][\\w\\-]{{0,255}}$")
+    return run_id
+
+
+def _data_record(
+    doc: dict[str, Any],
+    op: Op,
+    run_id: str,
+    plan: bool,
+    raw: bytes,
+    seq: int,
+    source: str,
+    line: str,
+) -> Record:
+    """A log-inputs or log-model record."""
     if op == "log-inputs":
         name = "datasets" if "datasets" in doc else "dataset_inputs"
         if name not in doc:
             raise Invalid(name, "nothing to log")
         inputs = tuple(_dataset_inputs(doc[name], name))
-        return Record(seq, source, raw, op, run_id, inputs, "")
-    return Record(seq, source, raw, op, run_id, (), _model_json(doc["model_json"], line))
+        return Record(seq, source, raw, op, run_id, inputs, "", source_run=plan)
+    model = _model_json(doc["model_json"], line)
+    return Record(seq, source, raw, op, run_id, (), model, source_run=plan)
+
+
+_PLAN_FIELDS: dict[str, tuple[str, ...]] = {
+    "create-run": CREATE_RUN_FIELDS,
+    "log-batch": LOG_BATCH_FIELDS,
+    "update-run": UPDATE_RUN_FIELDS,
+    "log-inputs": (*RECORD_FIELDS, "source_run_id"),
+    "log-model": (*RECORD_FIELDS, "source_run_id"),
+}
+
+
+def _plan_record(doc: dict[str, Any], raw: bytes, seq: int, source: str, line: str) -> Record:
+    """A migration plan's record (README, "Migration plans"): create-run, log-batch and
+    update-run, or a log-inputs or log-model naming its run by ``source_run_id``."""
+    op = _op(doc)
+    _reject_unknown(doc, _PLAN_FIELDS[op], "")
+    if "run_id" in doc and "source_run_id" in doc:
+        raise Invalid(
+            "source_run_id",
+            "give run_id (a run on the target) or source_run_id (a plan's run), not both",
+        )
+    plan = "source_run_id" in doc or op == "create-run"
+    try:
+        run_id = plan_source_run_id(doc) if plan else _run_id(doc)
+        if op == "create-run":
+            fields = create_run_fields(doc)
+        elif op == "log-batch":
+            fields = log_batch_fields(doc, len(raw), plan)
+        elif op == "update-run":
+            fields = update_run_fields(doc)
+        else:
+            return _data_record(doc, op, run_id, plan, raw, seq, source, line)
+    except FieldError as exc:
+        raise Invalid(exc.field, exc.reason) from None
+    return Record(seq, source, raw, op, run_id, (), "", source_run=plan, fields=fields)
+
+
+_KEPT_AS_TEXT = "the original line could not be read as a record ("
+_REPLACE_IT = "): replace this whole line with the corrected record"
+
+
+def kept_as_text(doc: dict[str, Any]) -> str:
+    """Why a dead-letter line that still holds its original line as the text ``_raw`` (and
+    no record) is rejected: the reason the original was, told once however many times the
+    line went through a dead letter (each time its ``_error`` says it)."""
+    error = doc.get("_error")
+    said = error.get("message") if isinstance(error, dict) else None
+    if isinstance(said, str) and said.startswith(_KEPT_AS_TEXT) and said.endswith(_REPLACE_IT):
+        reason = said[len(_KEPT_AS_TEXT) : -len(_REPLACE_IT)]  # a dead letter's dead letter
+    elif isinstance(said, str) and isinstance(error, dict) and error.get("field") == "(line)":
+        reason = said  # the first dead letter's: why the original line was rejected
+    else:  # no _error (taken out by hand): the text as it stands now
+        try:
+            _parse(doc["_raw"].encode("utf-8", "surrogatepass"), 0, "")
+            reason = "_raw holds a record, but as text"
+        except Invalid as exc:
+            reason = exc.reason
+    return f"{_KEPT_AS_TEXT}{reason}{_REPLACE_IT}"
 
 
 def _load_json(text: str, path: str, not_json: str) -> Any:
@@ -279,7 +370,7 @@ def _op(doc: dict[str, Any]) -> Op:
     if not isinstance(op, str):  # null too: it is not an op left out
         raise Invalid("op", f"expected a string, got {_kind(op)}")
     if op not in OPS:
-        raise Invalid("op", f"{_short(op)} is not one of log-inputs, log-model")
+        raise Invalid("op", f"{_short(op)} is not one of {', '.join(OPS)}")
     if op == "log-inputs" and has_model:
         raise Invalid("model_json", "not allowed in a log-inputs record")
     if op == "log-model" and has_inputs:

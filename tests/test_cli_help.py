@@ -44,7 +44,7 @@ def lines_of(text: str) -> list[str]:
         (["status"], "CHECKPOINT", "status"),
         (["emulator", "--port", "-5"], "argument --port:", "emulator"),
         (["frob"], "invalid choice: 'frob'", ""),
-        ([], "give a command: upload, verify, validate, status or emulator", ""),
+        ([], "give a command: upload, verify, validate, status, emulator or export", ""),
     ],
 )
 def test_a_usage_error_is_one_line_and_where_the_help_is(

@@ -28,6 +28,7 @@ import orjson
 import pytest
 
 from batchlog.emulator import EmulatorThread
+from batchlog.emulator.server import http_response
 from tests.conftest import (
     Oci,
     inputs_record,
@@ -48,12 +49,13 @@ EVENTS = {"progress", "failure", "warning", "info", "message", "error", "signal"
 # ---- helpers -----------------------------------------------------------------------------
 
 
-def run_in_terminal(args: list[str], timeout: float = 90) -> tuple[int, str]:
-    """batchlog with stdout and stderr on a real pseudo-terminal (200 columns): its exit
-    code and every byte it wrote there."""
+def run_in_terminal(args: list[str], timeout: float = 90, columns: int = 200) -> tuple[int, str]:
+    """batchlog with stdout and stderr on a real pseudo-terminal (``columns`` wide, COLUMNS
+    set to match): its exit code and every byte it wrote there."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("OCI_")}
+    env["COLUMNS"] = str(columns)
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchlog", *args],
         stdin=subprocess.DEVNULL,
@@ -190,6 +192,32 @@ def test_the_live_line_shows_the_percentage_and_is_cleared_before_the_summary(
     assert "\x1b" not in "".join(rows[at:]), rows
 
 
+def test_at_80_columns_the_live_line_keeps_the_eta_and_a_retry_after_wait(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: at 80 columns the line was cut before the ETA. Done of total,
+    percent, records/s and ETA come first, then the wait on a server's Retry-After (one
+    record is answered 429 with Retry-After: 3 in the middle of the job)."""
+    slow = http_response(429, [("Retry-After", "3")], b'{"code": "TooManyRequests"}')
+    emu = emulator(latency=0.04, canned={"run00150": [slow]})
+    records = mixed_records(300, runs=300)  # one request each: about 3 s at 4 in flight
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    # a fixed rate: shown as the limit, and only the record waits on the Retry-After
+    args = upload_args(
+        oci, emu, str(manifest), "--concurrency", "4", "--rate", "1000", "--no-adaptive"
+    )
+    rc, raw = run_in_terminal(args, columns=80)
+    assert rc == 0, raw
+    assert_exactly_once(emu, records)
+    drawn = re.findall(r"\r\x1b\[K([^\r\n]*)", raw)
+    live = [line for line in drawn if line and not line.startswith("batchlog: ")]
+    assert live and all(len(line) < 80 for line in live), live  # never wrapped
+    head = r"^[\d,]+ of ~?[\d,]+ records \(\d+%\), [\d,]+ records/s, ETA \d+s"
+    assert any(re.match(head, line) for line in live), live
+    waits = [line for line in live if re.search(r"Retry-After \ds\b", line)]
+    assert waits and any(re.match(head, line) for line in waits), live
+
+
 def test_progress_lines_every_5_s_when_stderr_is_not_a_terminal(
     tmp_path: Path, oci: Oci, emulator: StartEmulator
 ) -> None:
@@ -212,8 +240,8 @@ def test_progress_lines_every_5_s_when_stderr_is_not_a_terminal(
     lines = [line for line in out.stderr.splitlines() if "%)" in line]
     assert lines, out.stderr
     assert re.match(
-        r"batchlog: [\d,]+ of ~?[\d,]+ records \(\d+%\), [\d,]+ records/s \([\d,]+ requests/s\), "
-        r"rate limit [\d,]+ requests/s, ETA \d",
+        r"batchlog: [\d,]+ of ~?[\d,]+ records \(\d+%\), [\d,]+ records/s, ETA \d+s, "
+        r"(.*, )?[\d,]+ requests/s, rate limit [\d,]+ requests/s, [\d,]+ in flight$",
         lines[0],
     ), lines
     assert log.read_text() == out.stderr  # --log-file: the same events, in the same format
@@ -225,8 +253,8 @@ def test_progress_lines_every_5_s_when_stderr_is_not_a_terminal(
 def test_an_interrupt_says_what_is_pending_once_and_the_rerun_sends_it(
     tmp_path: Path, oci: Oci, emulator: StartEmulator
 ) -> None:
-    emu = emulator(latency=1.0)
-    records = mixed_records(300, runs=300)
+    emu = emulator(latency=1.0)  # 8 requests in flight for a second at any moment
+    records = mixed_records(120, runs=120)
     manifest = write_manifest(tmp_path / "m.jsonl", records)
     args = upload_args(oci, emu, str(manifest), "--concurrency", "8", "--grace", "0.2")
     proc = start_cli([*args, "--report", str(tmp_path / "r.json")])
@@ -244,6 +272,7 @@ def test_an_interrupt_says_what_is_pending_once_and_the_rerun_sends_it(
     [why] = [line for line in err.splitlines() if "in flight or waiting" in line]
     assert f"{pending:,} records" in why and "run the same command again" in why, why
 
+    emu.config.latency = 0.0  # the rerun only has to finish: no need to wait a second a call
     out = run_cli([*args, "--report", str(tmp_path / "r2.json")])
     assert out.returncode == 0, out.stderr
     assert_exactly_once(emu, records)

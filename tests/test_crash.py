@@ -180,7 +180,7 @@ def test_a_full_disk_never_loses_a_dead_letter_line(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(int(os.environ.get("BATCHLOG_FAULT_SEEDS", "10"))))
+@pytest.mark.parametrize("seed", range(int(os.environ.get("BATCHLOG_FAULT_SEEDS", "5"))))
 def test_random_faults_and_kills(
     seed: int, tmp_path: Path, oci: Oci, emulator: StartEmulator
 ) -> None:

@@ -5,6 +5,8 @@ said (big integers, number spellings, escapes and duplicated keys included)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,9 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchlog.deadletter import dead_letter_line
+from batchlog.emulator import EmulatorThread
 from batchlog.records import Record, Rejection
 from batchlog.validate import parse_line
+from tests.conftest import Oci, inputs_record, run_cli, upload_args, write_manifest
+from tests.test_upload import assert_exactly_once
 from tests.test_validate import SCALARS, json_texts
+
+StartEmulator = Callable[..., EmulatorThread]
 
 ERROR = {
     "status": 400,
@@ -170,7 +177,7 @@ def test_a_dead_letter_that_fails_again_has_one_error(original: bytes) -> None:
 def test_a_line_that_is_not_a_json_object_is_kept_as_raw_text(line: bytes) -> None:
     dead = dead_letter_line(line, ERROR)
     text = line.decode("utf-8", errors="backslashreplace")
-    assert dead == orjson.dumps({"_error": ERROR, "_raw": text})
+    assert dead == orjson.dumps({"_raw": text, "_error": ERROR})
 
 
 KEYS = ["_error", "run_id", "a", "_\\u0065rror", ""]
@@ -206,10 +213,124 @@ def test_any_line_gives_one_error_and_its_members_unchanged(text: str, cut: int)
         dead = dead_letter_line(line, ERROR)
         if not strict_object(line):
             raw = line.decode("utf-8", errors="backslashreplace")
-            assert dead == orjson.dumps({"_error": ERROR, "_raw": raw})
+            assert dead == orjson.dumps({"_raw": raw, "_error": ERROR})
             continue
         assert error_members(dead) == [ERROR]
         kept = [kv for kv in top_level_pairs(line) if kv[0] != "_error"]
         assert [kv for kv in top_level_pairs(dead) if kv[0] != "_error"] == kept
         if not error_members(line):
             assert dead == spliced(line)
+
+
+# ---- a line kept as _raw, uploaded again (newcomer review, item 7) ---------------------------
+
+REPLACE = "replace this whole line with the corrected record"
+
+
+def rejection_error(item: Rejection) -> dict[str, Any]:
+    """The ``_error`` the job writes for a rejected line."""
+    return {
+        "status": "rejected",
+        "code": "InvalidRecord",
+        "field": item.field,
+        "message": item.reason,
+        "source": item.source,
+    }
+
+
+def rejected_again(line: bytes, source: str = "d.jsonl:1") -> Rejection:
+    item = parse_line(line, 0, source)
+    assert isinstance(item, Rejection), item
+    return item
+
+
+@pytest.mark.parametrize(
+    ("original", "reason"),
+    [
+        (b'{"run_id": "r2", oops', "invalid JSON: Expecting property name"),
+        (b"not json at all", "invalid JSON: Expecting value"),
+        (b"[1, 2]", "expected a JSON object, got an array"),
+        (b'{"run_id": "r\xff1"}', "not valid UTF-8 at byte 13"),
+    ],
+)
+def test_a_raw_line_uploaded_again_says_to_replace_it_and_is_never_wrapped_twice(
+    original: bytes, reason: str
+) -> None:
+    first = rejected_again(original, "m.jsonl:2")
+    dead = dead_letter_line(original, rejection_error(first))
+    again = dead
+    for generation in range(2, 5):  # the dead letter of the dead letter of ...
+        item = rejected_again(again, f"d{generation}.jsonl:1")
+        assert item.field == "_raw", item
+        assert item.reason.startswith("the original line could not be read as a record ("), item
+        assert reason in item.reason and item.reason.endswith(f"): {REPLACE}"), item
+        assert first.reason in item.reason and item.reason.count("could not be read") == 1
+        again = dead_letter_line(again, rejection_error(item))
+        doc = orjson.loads(again)
+        assert list(doc) == ["_raw", "_error"], doc  # one _error, last; _raw as it was
+        assert doc["_raw"] == orjson.loads(dead)["_raw"]
+        assert doc["_error"] == rejection_error(item)
+
+
+def test_a_raw_line_whose_error_was_taken_out_is_told_by_its_text() -> None:
+    for text, why in (("oops", "invalid JSON: Expecting value"), ("{}", "missing, and neither")):
+        item = rejected_again(orjson.dumps({"_raw": text, "_note": "mine"}))
+        assert item.field == "_raw" and item.reason.endswith(REPLACE), item
+        assert f"({why}" in item.reason, item
+
+
+def test_a_raw_line_that_also_holds_a_record_is_the_record() -> None:
+    noted = {"_raw": "old text", **inputs_record("r2", "ds")}  # fixed, _raw left as a note
+    assert isinstance(parse_line(orjson.dumps(noted), 0, "d.jsonl:1"), Record)
+
+
+def test_a_dead_letter_with_raw_lines_uploaded_again_then_fixed(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """The user's round trip: upload, upload the dead letter as it is (told what to do, kept
+    as it was with its _error replaced), then with the lines replaced (sent, exit 0)."""
+    emu = emulator()
+    good = inputs_record("r1", "ds1")
+    bad = [b'{"run_id": "r2", oops', b"[1, 2]"]
+    manifest = write_manifest(tmp_path / "m.jsonl", [good, *bad])
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 1
+    dead = tmp_path / "m.dead-letter.jsonl"
+    first = dead.read_bytes().splitlines()
+    assert [orjson.loads(line)["_raw"].encode() for line in first] == bad
+
+    out = run_cli(upload_args(oci, emu, str(dead)))
+    assert out.returncode == 1, out.stderr
+    for number, why in ((1, "invalid JSON: Expecting property name"), (2, "got an array")):
+        [said] = [
+            line for line in out.stderr.splitlines() if f"m.dead-letter.jsonl:{number}:" in line
+        ]
+        assert f"m.dead-letter.jsonl:{number}: _raw: the original line could not be read " in said
+        assert why in said and said.endswith(REPLACE), said
+    again = (tmp_path / "m.dead-letter-2.jsonl").read_bytes().splitlines()
+    for before, after in zip(first, again, strict=True):
+        old, new = orjson.loads(before), orjson.loads(after)
+        assert list(new) == ["_raw", "_error"] and new["_raw"] == old["_raw"]
+        assert new["_error"]["field"] == "_raw" and REPLACE in new["_error"]["message"]
+
+    out = run_cli(upload_args(oci, emu, str(tmp_path / "m.dead-letter-2.jsonl")))
+    assert out.returncode == 1 and out.stderr.count(REPLACE) == 2, out.stderr
+    assert out.stderr.count("could not be read") == 2, out.stderr  # never nested
+
+    fixed = [inputs_record("r2", "ds2"), inputs_record("r3", "ds3")]
+    write_manifest(tmp_path / "m.dead-letter-2.jsonl", fixed)
+    out = run_cli(upload_args(oci, emu, str(tmp_path / "m.dead-letter-2.jsonl"), "--restart"))
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, [good, *fixed])
+
+
+def test_the_readme_shows_the_raw_shape_and_its_message_as_they_are() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### The dead letter\n", 1)[1].split("\n### ", 1)[0]
+    shown = [line.strip() for line in section.splitlines() if line.startswith("    ")]
+    [raw_line] = [line for line in shown if line.startswith('{"_raw"')]
+    [message] = [line for line in shown if line.startswith("runs.dead-letter.jsonl:1: _raw: ")]
+    doc = orjson.loads(raw_line)
+    original = doc["_raw"].encode()
+    item = rejected_again(original, doc["_error"]["source"])
+    assert dead_letter_line(original, rejection_error(item)) == raw_line.encode()
+    assert str(rejected_again(raw_line.encode(), "runs.dead-letter.jsonl:1")) == message

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from batchlog.emulator import EmulatorThread
+from batchlog.emulator.server import http_response
 from tests.conftest import (
     Oci,
     inputs_record,
@@ -23,6 +24,7 @@ from tests.conftest import (
 )
 from tests.test_crash import kill, start_cli, wait_applied
 from tests.test_integrity import jsonl, start_and_kill_in_flight
+from tests.test_journal import THROTTLED, interrupt_while_throttled
 from tests.test_upload import assert_exactly_once, report
 
 StartEmulator = Callable[..., EmulatorThread]
@@ -267,4 +269,56 @@ def test_a_dry_run_of_an_empty_manifest_is_nothing_to_upload(tmp_path: Path) -> 
     (tmp_path / "m.jsonl").write_bytes(b"\n\n")
     out = run_cli(["upload", "m.jsonl", "--dry-run"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "nothing to upload: no records in m.jsonl" in out.stderr, out.stderr
+    assert "nothing to upload: m.jsonl holds no records" in out.stderr, out.stderr  # as upload says
+
+
+def test_calls_answered_429_are_not_counted_as_sent_and_never_answered(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Interrupted while two calls wait on a Retry-After: one was answered 429 (not applied:
+    not in doubt), the other 500 (it may have been applied: in doubt)."""
+    error = http_response(500, [("Retry-After", "300")], b'{"code": "InternalServerError"}')
+    emu = emulator(canned={"held": [THROTTLED], "doubt": [error]})
+    records = [
+        inputs_record("held", "ds0"),
+        inputs_record("doubt", "ds1"),
+        *(inputs_record(f"r{i}", f"ds{i}") for i in range(2, 8)),
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest))
+    interrupt_while_throttled(emu, args, {500: 1, 429: 1})
+    plan = dry_run(["upload", str(manifest)], tmp_path / "dry.json")
+    assert plan["requests_in_doubt"] == 1 and plan["requests"] >= 2, plan
+    out = run_cli(["upload", str(manifest), "--dry-run"])
+    assert "(1 sent before and never answered)" in out.stderr, out.stderr
+    assert sends(emu, args) == plan["requests"]  # the others waited on the shared pacer
+    assert_exactly_once(emu, records)
+
+
+def test_a_checkpoint_of_another_job_is_named_in_plain_words(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """The run and the dry run name the manifests and the merge setting as a user types
+    them, not as Python lists and dicts (newcomer review, item 12)."""
+    emu = emulator()
+    a = write_manifest(tmp_path / "a.jsonl", mixed_records(10, runs=2))
+    b = write_manifest(tmp_path / "b.jsonl", mixed_records(10, runs=2))
+    checkpoint = str(tmp_path / "job.batchlog-checkpoint")
+    assert run_cli(upload_args(oci, emu, str(a), "--checkpoint", checkpoint)).returncode == 0
+    cases = {
+        f"was written for manifests {a} (this job names {a}, {b});": [str(a), str(b)],
+        "was written with another grouping (--max-datasets-per-request 100, not 3): ": [
+            str(a),
+            "--max-datasets-per-request",
+            "3",
+        ],
+    }
+    for said, extra in cases.items():
+        for command in (
+            upload_args(oci, emu, *extra, "--checkpoint", checkpoint),
+            ["upload", *extra, "--checkpoint", checkpoint, "--dry-run"],
+        ):
+            out = run_cli(command)
+            assert out.returncode == 3, out.stderr
+            assert f"checkpoint {checkpoint} {said}" in out.stderr, out.stderr
+            assert not any(c in out.stderr for c in "[]{}'"), out.stderr

@@ -272,7 +272,7 @@ def test_lines_appended_to_any_manifest_are_sent(
     assert out.returncode == 0, out.stderr
     assert_exactly_once(emu, first + second + appended)
     status = run_cli(["status", str(tmp_path / "m1.batchlog-checkpoint")])
-    assert "0 pending" in status.stdout, status.stdout
+    assert "0 not finished" in status.stdout, status.stdout
 
 
 def test_an_edited_processed_line_is_refused(

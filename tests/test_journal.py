@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from batchlog import journal as journal_module
+from batchlog.emulator import EmulatorThread
+from batchlog.emulator.server import http_response
 from batchlog.errors import CheckpointError
 from batchlog.journal import (
     REJECTED,
@@ -20,6 +26,18 @@ from batchlog.journal import (
     record_key,
 )
 from batchlog.manifest import Boundary
+from tests.conftest import (
+    Oci,
+    inputs_record,
+    mixed_records,
+    run_cli,
+    upload_args,
+    write_manifest,
+)
+from tests.test_crash import start_cli, wait_applied
+from tests.test_upload import assert_exactly_once, report
+
+StartEmulator = Callable[..., EmulatorThread]
 
 GROUPING = {"max_datasets": 100, "max_body": 1 << 20}
 
@@ -336,3 +354,107 @@ def test_two_processes_never_run_one_job_at_once(tmp_path: Path) -> None:
     journal.close()
     again, _ = open_(path)  # released on close
     again.close()
+
+
+# ---- a call answered 429 is not in doubt (newcomer review, item 9) ---------------------------
+
+THROTTLED = http_response(429, [("Retry-After", "300")], b'{"code": "TooManyRequests"}')
+ERROR_500 = http_response(500, [], b'{"code": "InternalServerError"}')  # before applying
+
+
+def interrupt_while_throttled(
+    emu: EmulatorThread, args: list[str], answers: dict[int, int]
+) -> None:
+    """Run the upload until the emulator has given ``answers`` (status -> how many), let a
+    group commit journal them, then SIGINT it: calls waiting on a Retry-After stay
+    unfinished."""
+    proc = start_cli(args)
+    try:
+        deadline = time.monotonic() + 30
+        while any(emu.state.statuses[status] < n for status, n in answers.items()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, emu.state.statuses
+            time.sleep(0.02)
+        time.sleep(0.5)  # a group commit (every 0.2 s) journals the answers
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+
+
+def test_a_call_answered_429_is_not_left_in_doubt_and_its_line_may_still_be_edited(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """A 429 says the call was not applied: the journal must not keep it in doubt (a resume
+    would refuse its edited line as "sent and never answered", and read it back when old)."""
+    emu = emulator(canned={"held": [THROTTLED]})
+    records = [inputs_record("held", "ds0"), *(inputs_record(f"r{i}", f"ds{i}") for i in range(4))]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest))
+    interrupt_while_throttled(emu, args, {429: 1})
+    _, point = read_checkpoint(str(tmp_path / "m.batchlog-checkpoint"))
+    assert point.doubt == {}, point.doubt
+    edited = [inputs_record("held", "ds0-fixed"), *records[1:]]
+    write_manifest(manifest, edited)  # a line not finished may be edited before the rerun
+    out = run_cli([*args, "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 0, out.stderr
+    assert report(tmp_path / "r.json")["read_backs"] == 0
+    assert_exactly_once(emu, edited)
+
+
+def test_a_call_that_got_no_answer_before_its_429_stays_in_doubt(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """A 500 first: that attempt may have landed, whatever the next one was answered."""
+    emu = emulator(canned={"doubt": [ERROR_500, THROTTLED]})
+    records = [inputs_record("doubt", "ds0"), *(inputs_record(f"r{i}", f"ds{i}") for i in range(4))]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest))
+    interrupt_while_throttled(emu, args, {500: 1, 429: 1})
+    _, point = read_checkpoint(str(tmp_path / "m.batchlog-checkpoint"))
+    assert list(point.doubt) == [record_key(0, 0)], point.doubt
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert_exactly_once(emu, records)
+
+
+# ---- what status and the report call pending (newcomer review, item 11) ----------------------
+
+
+def test_status_counts_what_a_rerun_processes_and_the_report_what_was_read(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """After an interrupt the report's ``pending`` counts the records read and not finished;
+    ``status`` counts every record not finished, those not read yet included: what the
+    rerun goes on with. Two facts, two names."""
+    emu = emulator(latency=0.3)
+    records = mixed_records(1000, runs=1000)  # one request per record
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest), "--concurrency", "8", "--grace", "0.5")
+    proc = start_cli([*args, "--report", str(tmp_path / "r1.json")])
+    wait_applied(emu, proc, 16)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    first = report(tmp_path / "r1.json")
+    shown = run_cli(["status", str(tmp_path / "m.batchlog-checkpoint")])
+    assert shown.returncode == 0, shown.stderr
+    [line] = [line for line in shown.stdout.splitlines() if line.startswith("records ")]
+    left = re.search(r"([\d,]+) not finished \(read or not: the same upload command", line)
+    assert left is not None and "pending" not in shown.stdout, shown.stdout
+    not_finished = int(left[1].replace(",", ""))
+    assert 0 < first["pending"] < not_finished  # type: ignore[operator]
+    assert not_finished == 1000 - int(first["succeeded"])  # type: ignore[call-overload]
+
+    emu.emulator.config.latency = 0.0
+    out = run_cli([*args, "--report", str(tmp_path / "r2.json")])
+    assert out.returncode == 0, out.stderr
+    again = report(tmp_path / "r2.json")
+    assert again["succeeded"] == not_finished  # what status said the rerun goes on with
+    assert_exactly_once(emu, records)
+    shown = run_cli(["status", str(tmp_path / "m.batchlog-checkpoint")])
+    assert "1,000 succeeded, 0 failed, 0 rejected, 0 not finished" in shown.stdout, shown.stdout

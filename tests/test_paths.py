@@ -52,12 +52,90 @@ def test_default_names(manifests: list[str], checkpoint: str, dead_letter: str) 
     assert default_dead_letter(manifests) == dead_letter
 
 
-def test_emulated_runs_have_names_of_their_own_that_never_grow() -> None:
-    assert default_checkpoint(["m.jsonl"], "emulated") == "m.emulated.batchlog-checkpoint"
-    assert default_dead_letter(["m.jsonl"], "emulated") == "m.emulated.dead-letter.jsonl"
-    again = default_dead_letter(["m.emulated.dead-letter.jsonl"], "emulated")
-    assert again == "m.emulated.dead-letter-2.jsonl"
-    assert default_dead_letter([again], "emulated") == "m.emulated.dead-letter-3.jsonl"
+# Every combination of run (plain, --emulate) and first manifest (a manifest, its dead letter,
+# that one's -2, a rehearsal's dead letters, stdin, .gz): (manifest, kind, checkpoint, dead
+# letter). ".emulated" is added once, after the stem, and never to a name that has it; a
+# dead letter's dead letter counts up. Found by review: an emulated upload of
+# x.emulated.dead-letter.jsonl was checkpointed in x.emulated.dead-letter.emulated...
+NAMES = [
+    ("x.jsonl", "", "x.batchlog-checkpoint", "x.dead-letter.jsonl"),
+    ("x.jsonl", "emulated", "x.emulated.batchlog-checkpoint", "x.emulated.dead-letter.jsonl"),
+    ("x.jsonl.gz", "", "x.batchlog-checkpoint", "x.dead-letter.jsonl"),
+    ("x.jsonl.gz", "emulated", "x.emulated.batchlog-checkpoint", "x.emulated.dead-letter.jsonl"),
+    # the real upload's dead letter, uploaded for real or rehearsed
+    ("x.dead-letter.jsonl", "", "x.dead-letter.batchlog-checkpoint", "x.dead-letter-2.jsonl"),
+    (
+        "x.dead-letter.jsonl",
+        "emulated",
+        "x.dead-letter.emulated.batchlog-checkpoint",
+        "x.emulated.dead-letter-2.jsonl",
+    ),
+    ("x.dead-letter-2.jsonl", "", "x.dead-letter-2.batchlog-checkpoint", "x.dead-letter-3.jsonl"),
+    (
+        "x.dead-letter-2.jsonl.gz",
+        "emulated",
+        "x.dead-letter-2.emulated.batchlog-checkpoint",
+        "x.emulated.dead-letter-3.jsonl",
+    ),
+    # a rehearsal's dead letter: its names say "emulated" already
+    (
+        "x.emulated.dead-letter.jsonl",
+        "emulated",
+        "x.emulated.dead-letter.batchlog-checkpoint",
+        "x.emulated.dead-letter-2.jsonl",
+    ),
+    (
+        "x.emulated.dead-letter.jsonl.gz",
+        "",
+        "x.emulated.dead-letter.batchlog-checkpoint",
+        "x.emulated.dead-letter-2.jsonl",
+    ),
+    (
+        "x.emulated.dead-letter-2.jsonl",
+        "emulated",
+        "x.emulated.dead-letter-2.batchlog-checkpoint",
+        "x.emulated.dead-letter-3.jsonl",
+    ),
+    ("-", "", "stdin.batchlog-checkpoint", "stdin.dead-letter.jsonl"),
+    ("-", "emulated", "stdin.emulated.batchlog-checkpoint", "stdin.emulated.dead-letter.jsonl"),
+    (
+        "stdin.dead-letter.jsonl",
+        "emulated",
+        "stdin.dead-letter.emulated.batchlog-checkpoint",
+        "stdin.emulated.dead-letter-2.jsonl",
+    ),
+    (
+        "stdin.emulated.dead-letter.jsonl",
+        "emulated",
+        "stdin.emulated.dead-letter.batchlog-checkpoint",
+        "stdin.emulated.dead-letter-2.jsonl",
+    ),
+]
+
+
+@pytest.mark.parametrize(("manifest", "kind", "checkpoint", "dead_letter"), NAMES)
+def test_names_of_every_kind_of_run_never_cascade(
+    manifest: str, kind: str, checkpoint: str, dead_letter: str
+) -> None:
+    assert default_checkpoint([manifest], kind) == checkpoint
+    assert default_dead_letter([manifest], kind) == dead_letter
+    # uploading each dead letter again, three times over: a counter, names never grow
+    names, current = [checkpoint, dead_letter], dead_letter
+    for _ in range(3):
+        names += [default_checkpoint([current], kind), default_dead_letter([current], kind)]
+        current = names[-1]
+    for name in names:
+        assert name.count("emulated") <= 1 and name.count("dead-letter") <= 1, names
+        assert ("emulated" in name) >= (kind == "emulated"), names  # a rehearsal's own
+
+
+def test_jobs_on_different_files_never_share_a_checkpoint() -> None:
+    """Two jobs of one kind on different files of the table (a .gz is the same file)
+    never share a checkpoint."""
+    for kind in ("", "emulated"):
+        rows = [r for r in NAMES if r[1] == kind and not r[0].endswith(".gz")]
+        checkpoints = [default_checkpoint([r[0]], kind) for r in rows]
+        assert len(set(checkpoints)) == len(checkpoints), checkpoints
 
 
 def test_a_job_where_everything_succeeds_leaves_no_dead_letter(
@@ -104,6 +182,27 @@ def test_uploading_a_dead_letter_again_never_cascades_names(
         "x.dead-letter-2.jsonl",
         "x.dead-letter.jsonl",
     ]
+
+
+def test_a_rehearsals_dead_letter_rehearsed_again_never_cascades_names(tmp_path: Path) -> None:
+    records = [inputs_record("good", "ok1"), {"run_id": "bad", "dataset_input": []}]
+    current = write_manifest(tmp_path / "x.jsonl", records)
+    rounds = [
+        ("x.emulated.batchlog-checkpoint", "x.emulated.dead-letter.jsonl"),
+        ("x.emulated.dead-letter.batchlog-checkpoint", "x.emulated.dead-letter-2.jsonl"),
+        ("x.emulated.dead-letter-2.batchlog-checkpoint", "x.emulated.dead-letter-3.jsonl"),
+    ]
+    for checkpoint, dead_letter in rounds:
+        out = run_cli(["upload", current.name, "--emulate"], cwd=tmp_path)
+        assert out.returncode == 1, out.stderr
+        assert f"batchlog: checkpoint {checkpoint}\n" in out.stderr, out.stderr
+        assert f"batchlog: dead letter {dead_letter} (" in out.stderr, out.stderr
+        [line] = dead_lines(tmp_path / dead_letter)
+        assert line["run_id"] == "bad" and line["_error"]["status"] == "rejected", line
+        current = tmp_path / dead_letter
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert all(n.count("emulated") == 1 for n in names if n != "x.jsonl"), names
+    assert len(names) == 1 + 3 * 3, names  # each round: checkpoint, its .lock, dead letter
 
 
 def test_every_path_the_job_writes_is_printed_at_start(

@@ -15,21 +15,25 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
+from batchlog.emulator import EmulatorThread
 from tests.conftest import (
     Oci,
     expected_items,
     inputs_record,
     mixed_records,
     run_cli,
+    upload_args,
     write_manifest,
 )
 from tests.test_crash import start_cli
 
+StartEmulator = Callable[..., EmulatorThread]
 APPLIED = re.compile(r"emulator applied (\d+) calls; answered (\d+) with 429, (\d+) with 500")
 
 
@@ -202,7 +206,7 @@ def test_the_command_printed_by_emulator_write_config_uploads(tmp_path: Path, oc
         assert again.returncode == 0, again.stderr
         assert len(applied_items(url)) == len(applied)
         # the rehearsal's checkpoint is not the one the real upload will look for
-        assert not list(tmp_path.glob("m.*checkpoint*")), list(tmp_path.iterdir())
+        assert not (tmp_path / "m.batchlog-checkpoint").exists(), list(tmp_path.iterdir())
 
         # signatures are verified: another key is refused, as the real service would
         stranger = run_cli(
@@ -229,6 +233,52 @@ def test_the_command_printed_by_emulator_write_config_uploads(tmp_path: Path, oc
     assert config.exists() and key_file.exists()  # kept: it was asked for
 
 
+def test_the_printed_command_works_for_any_manifest_again_and_again(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: the printed command named one --checkpoint for every manifest, so a
+    second manifest was refused (exit 3), and an empty one run first bound it. Each
+    manifest now gets the rehearsal checkpoint --emulate gives it, beside it."""
+    rehearsal = tmp_path / "rehearsal"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    first, second = mixed_records(20, runs=4), [inputs_record("other", f"o{i}") for i in range(5)]
+    a = write_manifest(tmp_path / "a.jsonl", first)
+    b = write_manifest(tmp_path / "b.jsonl", second)
+    served = Served("--write-config", str(rehearsal), cwd=tmp_path)
+    try:
+        command = served.command()
+        url = flag(command, "--endpoint")
+        for manifest in (empty, a, b, a, b):  # the second time round: resumed, nothing sent
+            out = run_printed(command, manifest)
+            assert out.returncode == 0, (manifest.name, out.stderr)
+        applied = applied_items(url)
+        assert sorted(applied) == sorted(expected_items(first) | expected_items(second))
+        dry = run_printed([*command, "--dry-run"], a)  # plans from the same checkpoint
+        assert dry.returncode == 0 and "0 to send" in dry.stderr, dry.stderr
+        assert str(tmp_path / "a.emulated.batchlog-checkpoint") in dry.stderr, dry.stderr
+    finally:
+        assert served.stop() == 0, "".join(served.seen)
+    # a new session (a new port, a new key): the same command, for old and new manifests
+    later = Served("--write-config", str(rehearsal), cwd=tmp_path)
+    try:
+        command = later.command()
+        c = write_manifest(tmp_path / "c.jsonl", [inputs_record("third", "t1")])
+        for manifest in (a, c):
+            out = run_printed(command, manifest)
+            assert out.returncode == 0, (manifest.name, out.stderr)
+        third = expected_items([inputs_record("third", "t1")])
+        assert sorted(applied_items(flag(command, "--endpoint"))) == sorted(third)
+    finally:
+        assert later.stop() == 0, "".join(later.seen)
+    # none of it is the real upload's checkpoint: that one sends every record
+    emu = emulator()
+    out = run_cli(upload_args(oci, emu, str(a)))
+    assert out.returncode == 0, out.stderr
+    assert sorted(applied_items(emu.url)) == sorted(expected_items(first))
+    assert (tmp_path / "a.batchlog-checkpoint").exists()
+
+
 def test_emulator_without_write_config_uses_a_temporary_directory_it_removes(
     tmp_path: Path,
 ) -> None:
@@ -244,7 +294,11 @@ def test_emulator_without_write_config_uses_a_temporary_directory_it_removes(
     finally:
         assert served.stop(signal.SIGTERM) == 0, "".join(served.seen)
     assert not where.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # a rehearsal's, as --emulate's
+        "m.emulated.batchlog-checkpoint",
+        "m.emulated.batchlog-checkpoint.lock",
+        "m.jsonl",
+    ]
 
 
 def test_write_config_never_overwrites_a_config_it_did_not_write(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ from tests.conftest import KEY_ID, PLATFORM, WORKSPACE, Oci, upload_args
 
 LONG_EXAMPLES = int(os.environ.get("BATCHLOG_STATEFUL_EXAMPLES", "0"))
 LONG_STEPS = int(os.environ.get("BATCHLOG_STATEFUL_STEPS", "30"))
-QUICK_EXAMPLES = 25
+QUICK_EXAMPLES = 16
 QUICK_STEPS = 14
 RUN_TIMEOUT_S = 60.0  # one batchlog process, at most
 WAIT_S = 5.0  # waiting for a kill or signal moment, at most

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 
 from batchlog.emulator import EmulatorThread
+from batchlog.emulator.server import http_response
 from tests.conftest import (
     KEY_ID,
     PLATFORM,
@@ -351,3 +353,60 @@ def test_a_key_file_readable_by_others_gets_a_warning(
     out = run_cli(upload_args(oci, emu, str(manifest)))  # (a dry run reads no key)
     assert out.returncode == 0, out.stderr
     assert "readable by others" in out.stderr and "chmod 600" in out.stderr
+
+
+@pytest.mark.parametrize("lost", [0, 3], ids=["nothing-failed", "some-failed-before"])
+def test_a_systemic_stop_says_truly_what_was_held_back_and_what_failed_before(
+    lost: int, tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: after records had failed (in the dead letter), a stop on 8 calls in a
+    row out of attempts still said "Nothing was recorded as failed". One request at a time:
+    10 land, `lost` fail for good (a run the server does not know), 8 get a 500 with one
+    attempt each (the stop), 10 are never sent."""
+    down = [f"down{i}" for i in range(8)]
+    good = [inputs_record(f"g{i}", f"ds{i}") for i in range(20)]
+    gone = [inputs_record("nosuchrun", f"lost{i}") for i in range(lost)]
+    fault = http_response(500, [], b'{"code": "InternalServerError", "message": "down"}')
+    emu = emulator(
+        known_runs=frozenset([*(r["run_id"] for r in good), *down]),
+        canned={run: [fault] for run in down},
+    )
+    held = [inputs_record(run, f"held{n}") for n, run in enumerate(down)]
+    records = [*good[:10], *gone, *held, *good[10:]]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", "1", "--max-attempts", "1"]
+    out = run_cli(args)
+    assert out.returncode == 3, out.stderr
+    [stop] = [line for line in out.stderr.splitlines() if line.startswith("batchlog: stopped: 8")]
+    assert "8 records held back by the stop" in stop, stop
+    assert "run the same command again once the cause is fixed: it sends them" in stop, stop
+    dead = tmp_path / "m.dead-letter.jsonl"
+    if lost:
+        assert "Nothing was recorded as failed" not in out.stderr, out.stderr
+        assert "held back by the stop were not recorded as failed" in stop, stop
+        assert f"{lost} records failed before the stop" in stop and str(dead) in stop, stop
+        assert len(dead.read_bytes().splitlines()) == lost
+    else:
+        assert "Nothing was recorded as failed in this run" in stop, stop
+        assert not dead.exists()
+
+    again = run_cli(args)  # the 500s are over: the held calls are sent by the same command
+    assert again.returncode == (1 if lost else 0), again.stderr
+    assert_exactly_once(emu, [*good, *held])
+    assert len(dead.read_bytes().splitlines()) == lost if lost else not dead.exists()
+
+
+def test_a_record_out_of_its_only_attempt_says_1_attempt(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: "gave up after 1 attempts"."""
+    fault = http_response(500, [], b'{"code": "InternalServerError", "message": "down"}')
+    emu = emulator(canned={"once": [fault]})
+    records = [inputs_record("g0", "ds0"), inputs_record("once", "ds1"), inputs_record("g2", "ds2")]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", "1", "--max-attempts", "1"]
+    out = run_cli(args)
+    assert out.returncode == 1, out.stderr
+    assert "gave up after 1 attempt: down" in out.stderr, out.stderr
+    [dead] = [orjson.loads(x) for x in (tmp_path / "m.dead-letter.jsonl").read_bytes().splitlines()]
+    assert dead["_error"]["message"].startswith("gave up after 1 attempt: "), dead

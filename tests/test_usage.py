@@ -279,4 +279,111 @@ def test_status_never_opens_a_manifest_that_is_a_fifo(
     finally:
         unblock.cancel()
     assert rc == 0, stderr
-    assert "pending unknown" in stdout, stdout
+    assert "not finished: unknown" in stdout, stdout
+
+
+# ---- --emulate and the flags of a real target (newcomer review, item 2) ----------------------
+
+# flags that choose or reach a real target, and how the refusal names each
+REAL_TARGET = [
+    (["--target", "mlflow", "--tracking-uri", "http://127.0.0.1:5000"], ["--target mlflow"]),
+    (["--tracking-uri", "http://127.0.0.1:5000"], ["--tracking-uri"]),
+    (["--endpoint", "https://datalake.example.com"], ["--endpoint"]),
+    (["--auth", "security_token"], ["--auth security_token"]),
+    (["--config-file", "oci_config"], ["--config-file"]),
+    (["--profile", "OTHER"], ["--profile"]),
+    (["--ca-bundle", "ca.pem"], ["--ca-bundle"]),
+]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(("flags", "named"), REAL_TARGET)
+def test_emulate_refuses_the_flags_of_a_real_target_before_anything_starts(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    named: list[str],
+    dry_run: bool,
+) -> None:
+    """A rehearsal of an MLflow job must not run under AI Data Platform rules unnoticed."""
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(4))
+    argv = ["upload", str(manifest), "--emulate", *flags, *(["--dry-run"] if dry_run else [])]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 2, captured.err  # the line that matters, then where help is
+    assert lines[0].startswith("batchlog: error: ") and "--emulate" in lines[0], lines
+    for flag in named:
+        assert flag in lines[0], lines
+    assert lines[1] == "see 'batchlog upload --help'", lines
+    assert captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]  # nothing started
+
+
+def test_emulate_names_every_real_target_flag_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(4))
+    argv = ["upload", str(manifest), "--emulate", "--endpoint", "https://h.example"]
+    argv += ["--config-file", "c", "--profile", "P", "--target", "mlflow"]
+    assert main(argv) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    for flag in ("--target mlflow", "--endpoint", "--config-file", "--profile"):
+        assert flag in first, first
+
+
+def test_emulate_takes_the_ids_and_leaves_the_target_variables_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--platform-id and --workspace name the rehearsal's paths and retry tokens; variables
+    of a real target in the environment are not flags given to --emulate."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(4))
+    ids = ["--platform-id", "ocid1.aidataplatform.oc1..mine", "--workspace", "mine"]
+    for extra in ([], ids, ["--target", "oci", "--auth", "api_key"]):
+        out = run_cli(["upload", str(manifest), "--emulate", *extra, "--restart"], cwd=tmp_path)
+        assert out.returncode == 0, (extra, out.stderr)
+
+
+# ---- common options before or after the command (newcomer review, item 13) -------------------
+
+COMMON = [
+    (["-v"], "verbose", True, False),
+    (["--verbose"], "verbose", True, False),
+    (["-q"], "quiet", True, False),
+    (["--log-format", "json"], "log_format", "json", "text"),
+    (["--log-file", "x.log"], "log_file", "x.log", None),
+]
+COMMANDS = [
+    ["upload", "m.jsonl", "--emulate"],
+    ["validate", "m.jsonl"],
+    ["status", "c"],
+    ["verify", "m.jsonl", "--target", "mlflow", "--tracking-uri", "http://127.0.0.1:1"],
+    ["emulator"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize(("flag", "name", "given", "default"), COMMON)
+def test_a_common_option_works_before_or_after_the_command(
+    command: list[str], flag: list[str], name: str, given: object, default: object
+) -> None:
+    for argv in ([*flag, *command], [*command, *flag]):
+        assert getattr(build_parser().parse_args(argv), name) == given, argv
+    assert getattr(build_parser().parse_args(command), name) == default
+
+
+def test_verbose_before_the_command_shows_an_internal_error_s_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def planted(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr("batchlog.cli.plan_upload", planted)
+    manifest = str(write_manifest(tmp_path / "m.jsonl", mixed_records(4)))
+    for argv in (["-v", "upload", manifest, "--dry-run"], ["upload", manifest, "--dry-run", "-v"]):
+        assert main(argv) == 3
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "internal error: RuntimeError: planted bug" in err, argv
+    assert main(["upload", manifest, "--dry-run"]) == 3
+    assert "Traceback" not in capsys.readouterr().err  # without -v, one line

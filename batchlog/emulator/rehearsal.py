@@ -21,12 +21,11 @@ from batchlog.errors import ConfigurationError
 MARKER = "# written by batchlog emulator: a throwaway key, trusted by nothing but the emulator"
 CONFIG = "config"
 KEY = "key.pem"
-# the rehearsal's own checkpoint and dead letter: never where the real upload looks for its
-# own, and removed with a new key (they belong to an emulator that is gone)
-CHECKPOINT = "rehearsal.batchlog-checkpoint"
-DEAD_LETTER = "rehearsal.dead-letter.jsonl"
 TENANCY = "ocid1.tenancy.oc1..emulator"
 USER = "ocid1.user.oc1..emulator"
+# the platform the printed command names: no real one has this id, and an upload to it
+# names its checkpoint and dead letter as --emulate does, beside the manifest, apart from the
+# real upload's (x.emulated.batchlog-checkpoint), for any manifest
 PLATFORM = "ocid1.aidataplatform.oc1..emulator"
 WORKSPACE = "emulator"
 REGION = "us-ashburn-1"  # any: the upload command names the emulator as --endpoint
@@ -47,13 +46,11 @@ class Identity:
 
 @dataclass(frozen=True)
 class Files:
-    """What ``write`` wrote, and where the rehearsal's checkpoint and dead letter go."""
+    """What ``write`` wrote."""
 
     directory: str
     config: str
     key_file: str
-    checkpoint: str
-    dead_letter: str
 
 
 def fingerprint(key: rsa.RSAPublicKey) -> str:
@@ -71,8 +68,6 @@ def write(directory: str, identity: Identity) -> Files:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigurationError(f"--write-config {directory}: not a directory")
     config, key_file = os.path.join(directory, CONFIG), os.path.join(directory, KEY)
-    checkpoint = os.path.join(directory, CHECKPOINT)
-    dead_letter = os.path.join(directory, DEAD_LETTER)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         _check_ours(directory, config, key_file)
@@ -87,14 +82,11 @@ def write(directory: str, identity: Identity) -> Files:
             f"tenancy={TENANCY}\nregion={REGION}\nkey_file={key_file}\n"
         )
         _write_private(config, text.encode())
-        for stale in (checkpoint, checkpoint + ".lock", checkpoint + ".tmp", dead_letter):
-            if os.path.lexists(stale):
-                os.unlink(stale)
     except OSError as exc:
         raise ConfigurationError(
             f"--write-config {directory}: cannot write there: {exc.strerror or exc}"
         ) from None
-    return Files(directory, config, key_file, checkpoint, dead_letter)
+    return Files(directory, config, key_file)
 
 
 def _check_ours(directory: str, config: str, key: str) -> None:

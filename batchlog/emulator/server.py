@@ -1,4 +1,7 @@
-"""An emulator of the AI Data Platform log-inputs / log-model endpoints, for tests and demos.
+"""An emulator of the AI Data Platform MLflow endpoints, for tests and demos: log-inputs and
+log-model, and (issue 11) experiments/create, get-by-name, get and search, runs/create,
+search, get, log-batch and update, metrics/get-history, with MLflow's limits and replay rules
+(``tracking.Store``).
 
 It verifies OCI request signatures, enforces the field limits, honours retry tokens (same
 token and body: the first answer is replayed without applying again; same token, other
@@ -8,8 +11,13 @@ body: 409), rate-limits with a token bucket (429), and injects faults on request
 raw answers for chosen runs (``canned``: a proxy's HTML page, odd Retry-After values, bytes
 that are not text); the expected ``key_id`` may change while it serves (a rotated session
 token).
-Everything it applied is in ``state.effects`` and at ``GET /_emulator/applied``; the runs
-are read back MLflow-style with a signed ``GET .../runs/get?run_id=``.
+Everything it applied is in ``state.effects`` and at ``GET /_emulator/applied``; every
+experiment and run it holds at ``GET /_emulator/runs``; the runs are read back MLflow-style
+with a signed ``GET .../runs/get?run_id=``.
+
+The creates, log-* and update take a retry token; searches (POSTs that change nothing) and
+GETs ignore it. Every POST gets the faults above; GETs get latency, the signature check, the
+rate limit and ``unauthorized`` always, and the other faults only with ``faults_on_get``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from batchlog.emulator.tracking import ApiError, Effect, Store
 from batchlog.limits import (
     DATASET_LIMITS,
     DATASET_REQUIRED,
@@ -54,11 +63,24 @@ from batchlog.target import API_VERSION
 
 ROUTE = (
     f"/{API_VERSION}/aiDataPlatforms/{{platform}}/workspaces/{{workspace}}"
-    "/mlops/api/2.0/mlflow/runs/{op}"
+    "/mlops/api/2.0/mlflow/{group:runs|experiments|metrics}/{op}"
 )
+WRITES = frozenset(  # POSTs that change state: retry tokens honoured, effects recorded
+    {
+        "runs/log-inputs",
+        "runs/log-model",
+        "runs/log-batch",
+        "runs/update",
+        "runs/create",
+        "experiments/create",
+    }
+)
+SEARCHES = frozenset({"runs/search", "experiments/search"})  # POSTs that only read
+READS = frozenset({"runs/get", "experiments/get-by-name", "experiments/get", "metrics/get-history"})
 _SIG_FIELD = re.compile(r'(\w+)="([^"]*)"')
 MAX_CLOCK_SKEW = 300.0
-HISTORY_TAG = "mlflow.log-model.history"
+STOP_GRACE = 0.2  # seconds answers still being written get when the emulator stops; answers
+# held back (latency) are dropped, as a server going down drops them: never waited out
 
 
 @dataclass
@@ -88,6 +110,8 @@ class EmulatorConfig:
     canned: dict[str, list[bytes]] = field(default_factory=dict)
     # run id -> raw HTTP answers (``http_response``), the next one written as it is to each
     # POST for that run, before anything is applied (then the connection is closed)
+    faults_on_get: bool = False  # fail_before, fail_after, reset_after, throttle_once and
+    # redirect_to also hit GETs (off: read-backs stay reliable, as they always were)
 
 
 @dataclass
@@ -103,6 +127,12 @@ class EmulatorState:
     headers_seen: list[dict[str, str]] = field(default_factory=list)  # last few requests
     runs: dict[str, tuple[list[Any], list[Any]]] = field(default_factory=dict)
     # run id -> (models logged, dataset inputs logged), in order, for runs/get
+    op_applied: Counter[str] = field(default_factory=Counter)  # calls applied, by path
+    # ("runs/create", "runs/log-batch", ...); replays answered from a token are not counted
+    tracking: Store = field(init=False, repr=False)  # experiments, runs, params, metrics
+
+    def __post_init__(self) -> None:
+        self.tracking = Store(self.runs)
 
     def applied_counts(self) -> Counter[tuple[str, str, str]]:
         """How many times each (op, run, item) was applied: exactly-once means all are 1."""
@@ -144,10 +174,13 @@ class Emulator:
         app.router.add_get(ROUTE, self._handle_get)
         app.router.add_get("/_emulator/applied", self._applied)
         app.router.add_get("/_emulator/stats", self._stats)
+        app.router.add_get("/_emulator/runs", self._runs)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
@@ -168,6 +201,13 @@ class Emulator:
             {"applied": self.state.applied, "effects": self.state.effects},
             dumps=lambda d: orjson.dumps(d).decode(),
         )
+
+    async def _runs(self, request: web.Request) -> web.Response:
+        """Every experiment and run held, with every metric point, and the calls applied
+        by operation (for tests: "created exactly once", "each point logged once")."""
+        doc = self.state.tracking.dump()
+        doc["applied_by_op"] = dict(self.state.op_applied)
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -205,8 +245,8 @@ class Emulator:
                 return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
         platform = request.match_info["platform"]
         workspace = request.match_info["workspace"]
-        op = request.match_info["op"]
-        if op not in ("log-inputs", "log-model"):
+        op = f"{request.match_info['group']}/{request.match_info['op']}"
+        if op not in WRITES and op not in SEARCHES:
             return self._error(404, "NotFound", f"unknown operation {op}", rid)
         if (cfg.platform_id and platform != cfg.platform_id) or (
             cfg.workspace and workspace != cfg.workspace
@@ -219,8 +259,9 @@ class Emulator:
             )
         if len(token) > 64:
             return self._error(400, "InvalidParameter", "opc-retry-token longer than 64", rid)
+        write = op in WRITES  # a search takes no retry token: never replayed from one
         digest = hashlib.sha256(body).hexdigest()
-        if cfg.idempotency and token and token in st.replies:
+        if write and cfg.idempotency and token and token in st.replies:
             seen_digest, status, payload, etag = st.replies[token]
             if seen_digest != digest:
                 return self._error(
@@ -236,26 +277,64 @@ class Emulator:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             return self._error(400, "InvalidParameter", "body is not JSON", rid)
-        problem = _check_body(op, doc, cfg.enforce_limits)
-        if problem:
-            return self._error(400, "InvalidParameter", problem, rid)
-        if cfg.known_runs is not None and doc["run_id"] not in cfg.known_runs:
-            return self._error(
-                404, "NotAuthorizedOrNotFound", f"Run {doc['run_id']} not found.", rid
-            )
-        etag = uuid.uuid4().hex
-        self._apply(op, doc, token)
-        if cfg.idempotency and token:
-            st.replies[token] = (digest, 200, b"{}", etag)
+        # decided and applied with no await in between: a concurrent request with the same
+        # token finds the reply stored below
+        if op in ("runs/log-inputs", "runs/log-model"):
+            short = op.removeprefix("runs/")
+            problem = _check_body(short, doc, cfg.enforce_limits)
+            if problem:
+                return self._error(400, "InvalidParameter", problem, rid)
+            try:
+                st.tracking.check_writable(doc["run_id"], cfg.known_runs)
+            except ApiError as exc:
+                return self._error(exc.status, exc.code, exc.message, rid)
+            self._apply(short, doc, token)
+            st.op_applied[op] += 1
+            payload = b"{}"
+        else:
+            if not isinstance(doc, dict):
+                return self._error(400, "INVALID_PARAMETER_VALUE", "body is not an object", rid)
+            try:
+                payload = self._tracking(op, doc, len(body), token)
+            except ApiError as exc:
+                return self._error(exc.status, exc.code, exc.message, rid)
+        etag = uuid.uuid4().hex if write else ""
+        if write and cfg.idempotency and token:
+            st.replies[token] = (digest, 200, payload, etag)
         if cfg.reset_after and self._rng.random() < cfg.reset_after:
             _reset(request)
             raise asyncio.CancelledError  # nothing more is written on this connection
         if cfg.fail_after and self._rng.random() < cfg.fail_after:
             return self._error(500, "InternalServerError", "injected fault after apply", rid)
-        return self._answer(200, b"{}", rid, etag)
+        return self._answer(200, payload, rid, etag)
+
+    def _tracking(self, op: str, doc: dict[str, Any], size: int, token: str) -> bytes:
+        """Answer (and apply) one of the experiments and runs POSTs; raises ApiError."""
+        store, cfg = self.state.tracking, self.config
+        effects: list[Effect] = []
+        answer: dict[str, Any] = {}
+        if op == "experiments/create":
+            answer, effects = store.create_experiment(doc)
+        elif op == "experiments/search":
+            answer = store.search_experiments(doc)
+        elif op == "runs/create":
+            answer, effects = store.create_run(doc)
+        elif op == "runs/search":
+            answer = store.search_runs(doc)
+        elif op == "runs/log-batch":
+            effects = store.log_batch(doc, size, cfg.known_runs, cfg.enforce_limits)
+        else:
+            answer, effects = store.update_run(doc, cfg.known_runs)
+        if op in WRITES:
+            self.state.applied += 1
+            self.state.op_applied[op] += 1
+            if cfg.keep_effects:
+                self.state.effects.extend({**e.as_json(), "token": token} for e in effects)
+        return orjson.dumps(answer)
 
     async def _handle_get(self, request: web.Request) -> web.StreamResponse:
-        """runs/get: the run as MLflow answers it, built from what was applied to it."""
+        """The reads: runs/get (the run as MLflow answers it, built from what was applied to
+        it), experiments/get-by-name and get, metrics/get-history."""
         cfg, st = self.config, self.state
         rid = request.headers.get("opc-request-id") or uuid.uuid4().hex.upper()
         st.request_ids.add(rid)
@@ -263,10 +342,20 @@ class Emulator:
             st.headers_seen.append(dict(request.headers))
         if cfg.latency:
             await asyncio.sleep(cfg.latency)
+        faults = cfg.faults_on_get
+        if faults and cfg.redirect_to is not None:
+            self.state.statuses[302] += 1
+            return web.Response(status=302, headers={"Location": cfg.redirect_to})
         refused = self._refuse(request, None, rid)
         if refused is not None:
             return refused
-        if request.match_info["op"] != "get":
+        once_key = "GET " + request.raw_path
+        if faults and cfg.throttle_once and once_key not in st.tokens_seen:
+            st.tokens_seen.add(once_key)
+            if self._rng.random() < cfg.throttle_once:
+                return self._error(429, "TooManyRequests", "User-rate limit exceeded.", rid)
+        op = f"{request.match_info['group']}/{request.match_info['op']}"
+        if op not in READS:
             return self._error(
                 404, "NotFound", f"unknown operation {request.match_info['op']}", rid
             )
@@ -279,24 +368,29 @@ class Emulator:
                 "Authorization failed or requested resource not found.",
                 rid,
             )
-        run_id = request.query.get("run_id", "")
-        if not run_id:
+        query = dict(request.query)
+        if op == "runs/get" and not query.get("run_id"):
             return self._error(400, "InvalidParameter", "run_id is required", rid)
-        if cfg.known_runs is not None and run_id not in cfg.known_runs:
-            return self._error(404, "NotAuthorizedOrNotFound", f"Run {run_id} not found.", rid)
-        models, inputs = st.runs.get(run_id, ([], []))
-        tags = [{"key": HISTORY_TAG, "value": orjson.dumps(models).decode()}] if models else []
-        run = {
-            "info": {
-                "run_id": run_id,
-                "run_uuid": run_id,
-                "status": "RUNNING",
-                "lifecycle_stage": "active",
-            },
-            "data": {"tags": tags},
-            "inputs": {"dataset_inputs": inputs},
-        }
-        return self._answer(200, orjson.dumps({"run": run}), rid, "")
+        if faults and cfg.fail_before and self._rng.random() < cfg.fail_before:
+            return self._error(500, "InternalServerError", "injected fault before apply", rid)
+        store = st.tracking
+        try:
+            if op == "runs/get":
+                answer = store.get_run(query["run_id"], cfg.known_runs)
+            elif op == "experiments/get-by-name":
+                answer = store.experiment_by_name(query.get("experiment_name", ""))
+            elif op == "experiments/get":
+                answer = store.experiment_by_id(query.get("experiment_id", ""))
+            else:
+                answer = store.metric_history(query, cfg.known_runs)
+        except ApiError as exc:
+            return self._error(exc.status, exc.code, exc.message, rid)
+        if faults and cfg.reset_after and self._rng.random() < cfg.reset_after:
+            _reset(request)
+            raise asyncio.CancelledError
+        if faults and cfg.fail_after and self._rng.random() < cfg.fail_after:
+            return self._error(500, "InternalServerError", "injected fault after apply", rid)
+        return self._answer(200, orjson.dumps(answer), rid, "")
 
     # ---- helpers -----------------------------------------------------------------------
 
