@@ -55,13 +55,14 @@ from batchlog.manifest import (
     read_lines,
 )
 from batchlog.migrate import ALREADY_THERE, DEPENDENCY_FAILED, RunBook, create_run, resolve
+from batchlog.operations import operation
 from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
 from batchlog.records import Record, Rejection
 from batchlog.report import Counters, Report, Status, counted
 from batchlog.retry import NO_ANSWER, NOT_THE_API, Answer
 from batchlog.settings import Settings, resolve_paths
-from batchlog.target import MlflowTarget, Target
+from batchlog.target import Target
 from batchlog.transport import Transport
 from batchlog.validate import parse_line
 
@@ -114,7 +115,7 @@ class Job:
         self._on_progress = on_progress
         self._rng = random.Random()
         self._gate: RateGate = make_gate(settings.rate, settings.adaptive)
-        self._reads_back = isinstance(settings.target, MlflowTarget)  # no retry tokens there
+        self._reads_back = not settings.target.retry_tokens  # what may be applied: read back
         self._run_locks: dict[str, tuple[anyio.Lock, int]] = {}  # run -> (lock, users)
         self._inflight = asyncio.Semaphore(settings.concurrency)  # aiohttp runs on asyncio only
         self._draining = False  # a stop was requested: take no new work
@@ -501,10 +502,8 @@ class Job:
         )
 
     def _not_idempotent(self, call: Call) -> bool:
-        # MLflow has no retry tokens, appends a model on every log-model call and makes a
-        # new run on every runs/create (its log-inputs stores a dataset once per run, its
-        # log-batch keeps a param, a tag and an identical metric point once: safe to resend)
-        return self._reads_back and call.op in ("log-model", "create-run")
+        # without retry tokens, what a replay would apply twice is confirmed first
+        return self._reads_back and not operation(call.op).replay_safe
 
     async def _process_when_ready(self, call: Call, tries: _Tries) -> None:
         with self._idle():
@@ -685,7 +684,7 @@ class Job:
         """A call's first attempt: read back first if it is a log-model or log-inputs of a
         run an earlier upload made (it may have logged them already)."""
         found = call.ticket >= 0 and self._book.was_found(call.records[0].run_id)
-        if found and call.op in ("log-model", "log-inputs"):
+        if found and operation(call.op).confirm in ("models", "datasets"):
             return _Tries(read_back=True, maybe_applied=True)
         return _Tries()
 

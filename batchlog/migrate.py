@@ -23,7 +23,7 @@ import orjson
 
 from batchlog.plan import Call
 from batchlog.retry import NOT_THE_API, Answer
-from batchlog.target import MlflowTarget, Target
+from batchlog.target import Target
 
 SOURCE_TAG = "batchlog.source_run_id"  # on every run batchlog creates: its source run
 PARENT_TAG = "mlflow.parentRunId"
@@ -310,7 +310,7 @@ def create_body(
     for name in ("run_name", "start_time"):
         if fields.get(name) is not None:
             body[name] = fields[name]
-    if user and isinstance(target, MlflowTarget):  # AI Data Platform's has no user_id
+    if user and target.takes_user_id:  # AI Data Platform's has none
         body["user_id"] = str(user)
     return body
 
@@ -324,9 +324,8 @@ def resolve(target: Target, call: Call, run_id: str) -> Call:
     doc["run_id"] = run_id
     if call.op == "log-model":
         doc["model_json"] = with_run_id(doc["model_json"], run_id)
-    mlflow = isinstance(target, MlflowTarget)
-    if call.op == "update-run" and mlflow and doc.get("status") == "INTERNAL_ERROR":
-        doc["status"] = "FAILED"
+    if call.op == "update-run":
+        doc["status"] = target.run_status(doc["status"])
     body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
     return dataclasses.replace(call, run_id=run_id, body=body, body_sha256=sha)

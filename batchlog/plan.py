@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from batchlog.operations import operation
 from batchlog.records import Op, Record
 from batchlog.target import Target
 
@@ -86,7 +87,7 @@ class Grouper:
 
     def add(self, record: Record) -> Iterator[Call]:
         """Take a record; yield the calls that are now complete."""
-        if record.op != "log-inputs":
+        if not operation(record.op).merges:
             yield from self.flush()
             yield make_call(self._target, (record,))
             return

@@ -8,14 +8,14 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from batchlog.errors import ConfigurationError
+from batchlog.operations import OPERATIONS
 from batchlog.retry import NO_ANSWER, Answer
 
 API_VERSION = "20260430"
-# where each operation of a call goes, under the MLflow API prefix (else runs/{op})
-OP_PATHS = {"create-run": "runs/create", "log-batch": "runs/log-batch", "update-run": "runs/update"}
 _SCHEME = re.compile(r"(?:^|/)[A-Za-z][A-Za-z0-9+.-]*://")  # "https://", "mlflow/https://"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a header value cannot hold these
 
@@ -100,6 +100,11 @@ class OciTarget:
     datasets_field: str = "dataset_inputs"  # the name of the datasets array in log-inputs
     site: str = ""  # where the calls go, for the checkpoint: "" means the endpoint itself
     # ("emulator" for --emulate, whose port changes from run to run)
+    # every write carries an opc-retry-token (24 h): a call that may have been applied is
+    # sent again as it was; without them, it is read back first (MlflowTarget)
+    retry_tokens: ClassVar[bool] = True
+    signed: ClassVar[bool] = True  # requests signed with an OCI key, with opc-* headers
+    takes_user_id: ClassVar[bool] = False  # runs/create has no user_id (the user is a tag)
 
     def __post_init__(self) -> None:  # every request is signed: never over plain http
         _check_site(self.endpoint, "endpoint", credentials=True)
@@ -120,9 +125,23 @@ class OciTarget:
     def host(self) -> str:
         return urlsplit(self.endpoint).netloc
 
+    @property
+    def where(self) -> str:
+        """Where the calls go, for messages."""
+        return self.endpoint
+
+    def headers(self) -> dict[str, str]:
+        """Headers of every request beyond the signature's."""
+        return {}
+
+    def run_status(self, status: str) -> str:
+        """A run status as this target keeps it (AI Data Platform has all of MLflow's and
+        INTERNAL_ERROR)."""
+        return status
+
     def path(self, op: str) -> str:
         """The path of an operation: a call's op ("log-inputs", "create-run", ...) or "get"."""
-        return self.api_path(OP_PATHS.get(op, f"runs/{op}"))
+        return self.api_path(OPERATIONS[op].rel if op in OPERATIONS else f"runs/{op}")
 
     def api_path(self, rel: str) -> str:
         """The path of ``rel`` (e.g. "experiments/get-by-name") under the MLflow prefix."""
@@ -186,6 +205,9 @@ class MlflowTarget:
     authorization: str = field(default="", repr=False)  # Authorization header value, or ""
     datasets_field: str = "datasets"  # MLflow's name for the datasets array in log-inputs
     uri_credentials: bool = False  # the authorization is the tracking URI's user:password@
+    retry_tokens: ClassVar[bool] = False  # none: what may have been applied is read back
+    signed: ClassVar[bool] = False  # an Authorization header (MLflow's variables), if any
+    takes_user_id: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_site(self.endpoint, "tracking URI", credentials=bool(self.authorization))
@@ -215,9 +237,22 @@ class MlflowTarget:
     def host(self) -> str:
         return urlsplit(self.endpoint).netloc
 
+    @property
+    def where(self) -> str:
+        """Where the calls go, for messages: the tracking URI."""
+        return self.uri
+
+    def headers(self) -> dict[str, str]:
+        """Headers of every request: the credentials from MLflow's variables, if any."""
+        return {"authorization": self.authorization} if self.authorization else {}
+
+    def run_status(self, status: str) -> str:
+        """MLflow has no INTERNAL_ERROR: it answers 200 and keeps the status it had."""
+        return "FAILED" if status == "INTERNAL_ERROR" else status
+
     def path(self, op: str) -> str:
         """The path of an operation: a call's op ("log-inputs", "create-run", ...) or "get"."""
-        return self.api_path(OP_PATHS.get(op, f"runs/{op}"))
+        return self.api_path(OPERATIONS[op].rel if op in OPERATIONS else f"runs/{op}")
 
     def api_path(self, rel: str) -> str:
         """The path of ``rel`` (e.g. "experiments/get-by-name") under the MLflow prefix."""

@@ -36,6 +36,7 @@ from yarl import URL
 
 from batchlog.errors import ConfigurationError, redact
 from batchlog.files import UnusableFile, read_ca_bundle
+from batchlog.operations import operation
 from batchlog.plan import Call
 from batchlog.records import OPS
 from batchlog.retry import (
@@ -50,7 +51,7 @@ from batchlog.retry import (
     parse_retry_after,
 )
 from batchlog.signing import KeySnapshot, KeySource, get_headers, post_headers
-from batchlog.target import MlflowTarget, Target
+from batchlog.target import Target
 
 _MAX_MESSAGE = 500  # characters of an answer's message, one line (logs, dead letter)
 _MAX_CODE = 100  # characters of an answer's code and request id
@@ -224,7 +225,7 @@ class Transport:
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0))
         self._ssl = tls_context(ca_bundle, verify_tls)
-        self._oci = isinstance(target, MlflowTarget) is False  # OCI: signed, with opc headers
+        self._oci = target.signed  # OCI: signed, with opc headers
         if self._ssl is False and urlsplit(target.endpoint).scheme == "https":
             log.warning(
                 "TLS certificate verification is off (MLFLOW_TRACKING_INSECURE_TLS): "
@@ -240,8 +241,7 @@ class Transport:
         }
         if user_principal and self._oci:
             self._fixed_headers["dh-user-principal"] = user_principal
-        if isinstance(target, MlflowTarget) and target.authorization:
-            self._fixed_headers["authorization"] = target.authorization
+        self._fixed_headers.update(target.headers())
         self._paths = {op: target.path(op) for op in OPS}
         self._urls = {
             op: URL(target.endpoint + path, encoded=True) for op, path in self._paths.items()
@@ -461,12 +461,13 @@ class Transport:
         its model (by ``model_identity``) among the run's logged models; log-inputs, every
         (name, digest) of its datasets among the run's dataset inputs. None when the run
         cannot be read now (or its model history cannot be parsed)."""
-        if call.op in ("log-batch", "update-run"):
+        confirm = operation(call.op).confirm
+        if confirm in ("resend", "lookup"):
             return False  # sent again as it was: a replay changes nothing (README)
         run = await self.get_run(call.run_id)
         if run is None:
             return None
-        if call.op == "log-model":
+        if confirm == "models":
             models = _history(run)
             if models is None:
                 return None

@@ -80,7 +80,7 @@ async def verify(
         reader = Reader(transport, RetryPolicy(max_attempts=max_attempts))
         problem: SystemicError | None = None
         async with anyio.create_task_group() as tg:
-            plans = PlanVerifier(reader, isinstance(target, MlflowTarget), concurrency, tg)
+            plans = PlanVerifier(reader, target.run_status, concurrency, tg)
             try:
                 await _read(manifests, transport, report, plans, concurrency)
             except SystemicError as exc:  # raised here, not out of the task group

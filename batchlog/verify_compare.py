@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +115,7 @@ Difference = tuple[int, str]  # the plan line's seq, what differs
 
 
 def compare_run(
-    plan: PlanRun, run: dict[str, Any], target_id: str, mlflow: bool
+    plan: PlanRun, run: dict[str, Any], target_id: str, status_as: Callable[[str], str]
 ) -> list[Difference]:
     """How the target run differs from the plan, but for metric histories and the parent
     (which need more reads). A whole run (with its create-run) is compared both ways; a
@@ -134,9 +134,7 @@ def compare_run(
             _same(out, seq, f"user ({USER_TAG})", c["user"], tags.get(USER_TAG), absent="none")
     if plan.update is not None:
         u, seq = plan.update
-        status = u["status"]
-        if mlflow and status == "INTERNAL_ERROR":  # sent to MLflow as FAILED (it drops it)
-            status = "FAILED"
+        status = status_as(u["status"])  # as the target keeps it (MLflow: no INTERNAL_ERROR)
         _same(out, seq, "status", status, info.get("status"))
         if u.get("end_time") is not None:
             _same(out, seq, "end time", u["end_time"], _maybe_int(info.get("end_time")))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,6 @@ from batchlog.errors import SystemicError
 from batchlog.migrate import PARENT_TAG, SOURCE_TAG
 from batchlog.records import Record
 from batchlog.retry import RetryPolicy
-from batchlog.target import MlflowTarget
 from batchlog.transport import Transport
 from batchlog.verify_compare import (
     Difference,
@@ -70,7 +69,7 @@ class Reader:
         self._policy = policy
         self._rng = rng or random.Random()
         target = transport.target
-        self.where = target.uri if isinstance(target, MlflowTarget) else target.endpoint
+        self.where = target.where
 
     async def call(
         self,
@@ -230,10 +229,14 @@ class PlanVerifier:
     runs at a time (the reading waits for a free slot: only open runs are held)."""
 
     def __init__(
-        self, reader: Reader, mlflow: bool, concurrency: int, task_group: TaskGroup
+        self,
+        reader: Reader,
+        status_as: Callable[[str], str],
+        concurrency: int,
+        task_group: TaskGroup,
     ) -> None:
         self._reader = reader
-        self._mlflow = mlflow
+        self._status_as = status_as  # a status as the target keeps it
         self._tg = task_group
         self._slots = anyio.Semaphore(concurrency)
         self._open: dict[str, PlanRun] = {}
@@ -315,7 +318,7 @@ class PlanVerifier:
             self.tally.missing += whole
             return
         diffs = list(plan.early)
-        diffs += compare_run(plan, run, target, self._mlflow)
+        diffs += compare_run(plan, run, target, self._status_as)
         if whole:
             diffs += await self._parent(plan, run)
         latest = metric_keys(run)

@@ -208,6 +208,7 @@ def start_mlflow_server(root: Path, workers: int = 1) -> tuple[subprocess.Popen[
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its uvicorn and huey children are stopped with it
         )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -225,10 +226,12 @@ def start_mlflow_server(root: Path, workers: int = 1) -> tuple[subprocess.Popen[
 
 
 def stop_mlflow_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    """Stop the server and its children (its own process group) at once: a test server's
+    sqlite file is thrown away, and MLflow 3's waits several seconds on SIGTERM."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)

@@ -8,6 +8,7 @@ its log-batch lines, log-inputs, log-model, then its update-run.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import math
@@ -64,7 +65,7 @@ def dataset(source: str, name: str) -> dict[str, Any]:
             {
                 "dataset": {
                     "name": name,
-                    "digest": f"d{abs(hash(name)) % 10**8:08d}",
+                    "digest": hashlib.sha256(name.encode()).hexdigest()[:8],
                     "source": f"s3://b/{name}.parquet",
                     "source_type": "s3",
                 },
@@ -759,6 +760,9 @@ def test_a_log_batch_held_by_a_401_still_goes_before_its_runs_status(
     ops = [e["op"] for e in emu.state.effects if e["run_id"] == target]
     assert ops == ["log-batch", "update-run"], ops
     assert store.runs[target].params == {"a": "1"} and store.runs[target].status == "FINISHED"
+
+
+# ---- more, found while testing ---------------------------------------------------------------
 
 
 def test_merged_log_inputs_of_a_plan_refused_whole_go_one_by_one_to_the_target_run(
