@@ -38,6 +38,10 @@ class Pacer:
     def set_rate(self, rate: float) -> None:
         self._interval = 1.0 / rate
 
+    @property
+    def hold_until(self) -> float:
+        return self._hold_until
+
     def hold(self, seconds: float) -> None:
         """No slot for ``seconds`` (a Retry-After): at most MAX_RETRY_AFTER, as for one call."""
         if not 0.0 < seconds <= MAX_RETRY_AFTER:  # nan and inf too: a hold must end
@@ -73,6 +77,7 @@ class AdaptiveRate:
         "_background",
         "_ceiling",
         "_floor",
+        "_held_until",
         "_limit",
         "_ok",
         "_pacer",
@@ -118,6 +123,7 @@ class AdaptiveRate:
         # while probing: (rate before, 429 share seen, slow start before, accepted rate seen)
         self._settling = False  # a window of answers to requests sent before a change
         self._quiet = 0  # windows in a row without going over, since the limit was found
+        self._held_until = -math.inf  # end of the last Retry-After hold: nothing was sent
         self.rate = min(initial, self._ceiling)  # requests per second now
         self._pacer = Pacer(self.rate)
 
@@ -139,16 +145,22 @@ class AdaptiveRate:
     def on_throttle(self, retry_after: float | None) -> None:
         if retry_after:
             self._pacer.hold(retry_after)
+            self._held_until = max(self._held_until, self._pacer.hold_until)
         self._throttled += 1
         self._judge(time.monotonic())
 
     def _accepted(self, now: float) -> float:
-        """Successes per second over the last HORIZON seconds: what the server let through."""
-        span = min(self.HORIZON, max(now - self._started, 0.05))
-        return len(self._recent) / span
+        """Successes per second over the last HORIZON seconds: what the server let through
+        (found by test: time held by a Retry-After, when nothing was sent, is no measure of
+        it; one 429 with Retry-After: 3 took a small job's rate from 200 to 1)."""
+        since = max(self._started, self._held_until)
+        span = min(self.HORIZON, max(now - since, 0.05))
+        return sum(1 for t in self._recent if t >= since) / span
 
     def _judge(self, now: float) -> None:
-        elapsed = now - self._window_start
+        if now < self._held_until:  # holding on the server's word: nothing to measure
+            return
+        elapsed = now - max(self._window_start, self._held_until)
         events = self._ok + self._throttled
         if elapsed < 0.05 or not events:
             return
@@ -156,7 +168,8 @@ class AdaptiveRate:
         share = self._throttled / events
         bg = self._background
         noise = 3.0 * math.sqrt(bg * (1.0 - bg) / events)  # sampling noise of the background
-        over = self._throttled > 0 and share > bg + self.MARGIN + noise
+        # one 429 is not "over": a server may throttle one request for its own reasons
+        over = self._throttled > 1 and share > bg + self.MARGIN + noise
         patience = 16 if self._probe is not None else 4  # a probe's verdict needs evidence
         due = elapsed >= window and (events >= self.MIN_EVENTS or elapsed >= patience * window)
         quick = over and self._throttled >= self.QUICK_THROTTLES and not self._settling

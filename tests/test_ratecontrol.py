@@ -124,3 +124,32 @@ def test_a_retry_after_holds_the_shared_pacer_no_longer_than_the_cap(
         anyio.run(twice)
         assert all(0.0 <= s <= MAX_RETRY_AFTER for s in slept), slept
     assert AdaptiveRate().rate > 0  # and the controller still works
+
+
+@pytest.mark.parametrize("capacity", [CAPACITY, 40.0, 8.0])
+def test_one_429_with_a_retry_after_does_not_collapse_the_rate(
+    monkeypatch: pytest.MonkeyPatch, capacity: float
+) -> None:
+    """Found by test: one 429 with ``Retry-After: 3`` from a server with no limit took the
+    job's rate from 200 to 1 request/s, crawling back to 3 a minute later: the accepted
+    rate measured across the hold (nothing sent) was taken for the server's limit."""
+    clock = Clock()
+    monkeypatch.setattr(ratecontrol.time, "monotonic", clock)
+    ctl = AdaptiveRate()
+    credit, dt, start = 0.0, 0.001, clock.now
+    throttled = False
+    while clock.now < start + 20:
+        clock.now += dt
+        if clock.now < ctl._pacer.hold_until:  # the pacer lets nothing through
+            continue
+        credit += min(ctl.rate, capacity) * dt  # a small job: few requests in flight
+        while credit >= 1:
+            credit -= 1
+            if not throttled and clock.now >= start + 2:
+                throttled = True
+                ctl.on_throttle(3.0)
+            else:
+                ctl.on_success()
+    assert throttled
+    assert ctl.rate >= 150, ctl.rate  # the server has no limit: one 429 is not one
+    assert ctl.limit is None, ctl.limit
