@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -1280,6 +1281,9 @@ def _read_input(flag: str, path: str) -> bytes:
         raise ConfigurationError(f"{flag} {path}: {exc}") from None
 
 
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     console = Console(out or sys.stderr, json=json_requested(argv))  # every line an event
@@ -1344,6 +1348,10 @@ def _main(argv: list[str], out: TextIO) -> int:
     except BatchlogError as exc:
         print(f"batchlog: error: {exc}", file=out)
         return EXIT_SYSTEMIC
+    except BrokenPipeError:  # `batchlog validate big.jsonl | head`: the reader had enough
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # a bug: one line, the traceback only when asked for
         if args.verbose:
             print(redact("".join(traceback.format_exception(exc))), end="", file=out)

@@ -600,9 +600,12 @@ class Job:
             answer = await self._read_back(call, tries, transport)
             if answer is None:  # not applied yet: send it
                 plan_run = call.op == "create-run" and call.records[0].source_run
-                if not plan_run:  # a create-run's is journaled as its runs/create goes out
-                    await self._journal_sent(call, tries)
                 async with self._run_lock(call), self._inflight:
+                    # journaled once it holds its slot (found by review: journaled before,
+                    # calls still waiting for one were "sent and never answered" after a
+                    # stop, and their in-doubt window ended before they went out)
+                    if not plan_run:  # a create-run's, as its runs/create goes out
+                        await self._journal_sent(call, tries)
                     c.in_flight += 1
                     c.requests += 1
                     try:

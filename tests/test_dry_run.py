@@ -3,8 +3,10 @@ alone, and exactly the requests the next real run sends (the emulator counts the
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -322,3 +324,34 @@ def test_a_checkpoint_of_another_job_is_named_in_plain_words(
             assert out.returncode == 3, out.stderr
             assert f"checkpoint {checkpoint} {said}" in out.stderr, out.stderr
             assert not any(c in out.stderr for c in "[]{}'"), out.stderr
+
+
+def test_calls_stopped_before_they_went_out_are_not_counted_as_sent(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by newcomer review: a double SIGINT while 4 calls were held by the server and
+    the rest waited for a free slot left all of them journaled as "sent and never
+    answered" (the journal line was written before the slot was taken): the dry run said 64
+    in doubt for 32 sent, and an MLflow resume would wait --timeout to read back calls that
+    never left."""
+    emu = emulator(latency=30.0)
+    records = [inputs_record(f"r{i}", f"ds{i}") for i in range(40)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = upload_args(oci, emu, str(manifest), "--concurrency", "4")
+    proc = start_cli(args)
+    deadline = time.monotonic() + 30
+    while len(emu.state.retry_tokens) < 4:  # four held by the server, the rest waiting
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    time.sleep(0.5)
+    received = len(emu.state.retry_tokens)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # stopping now: the held calls stay in doubt
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    plan = dry_run(["upload", str(manifest)], tmp_path / "dry.json")
+    assert plan["requests_in_doubt"] <= received, (plan, received)
+    emu.emulator.config.latency = 0
+    assert run_cli(args).returncode == 0
+    assert_exactly_once(emu, records)

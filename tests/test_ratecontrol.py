@@ -153,3 +153,29 @@ def test_one_429_with_a_retry_after_does_not_collapse_the_rate(
     assert throttled
     assert ctl.rate >= 150, ctl.rate  # the server has no limit: one 429 is not one
     assert ctl.limit is None, ctl.limit
+
+
+@pytest.mark.parametrize("retry_after", [9.0, 2.0])
+def test_429s_with_a_retry_after_at_the_start_leave_the_rate_where_it_was(
+    monkeypatch: pytest.MonkeyPatch, retry_after: float
+) -> None:
+    """Found by newcomer review: a proxy answering 429 with Retry-After for the job's first
+    seconds, before any success, left the rate at 1 request/s for minutes."""
+    clock = Clock()
+    monkeypatch.setattr(ratecontrol.time, "monotonic", clock)
+    ctl = AdaptiveRate()
+    credit, dt, start = 0.0, 0.001, clock.now
+    while clock.now < start + 30:
+        clock.now += dt
+        if clock.now < ctl._pacer.hold_until:
+            continue
+        credit += min(ctl.rate, 40.0) * dt  # 4 in flight, 100 ms
+        while credit >= 1:
+            credit -= 1
+            if clock.now < start + 4:
+                ctl.on_throttle(retry_after)
+            else:
+                ctl.on_success()
+    # what the client can send (40/s) is what binds, never the rate: the outage may be taken
+    # for a limit where the job stood, not one at a fraction of it
+    assert ctl.rate >= 40, ctl.rate

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -407,3 +410,23 @@ def test_a_bom_line_keeps_its_members_for_the_dead_letter() -> None:
     assert [key for key, _, _ in top_level_spans(text)] == ["run_id", "x"]
     for key, start, end in top_level_spans(text):
         assert text[start:end].startswith(f'"{key}"')
+
+
+def test_validate_piped_to_head_stops_quietly(tmp_path: Path) -> None:
+    """Found by newcomer review: `batchlog validate big.jsonl | head -1` ended with
+    "internal error: BrokenPipeError ... this is a bug" (exit 3)."""
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text("".join(f'{{"run_id": "r{i}"}}\n' for i in range(20000)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchlog", "validate", str(manifest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    proc.wait(60)
+    assert proc.returncode == 141, err
+    assert "internal error" not in err and "Traceback" not in err, err
