@@ -17,6 +17,7 @@ from batchlog.files import MIB, UnusableFile, check_regular
 from batchlog.job import READ_BATCH, calls_to_send, check_done_lines
 from batchlog.journal import (
     OTHER_JOB_HINT,
+    Counts,
     ResumePoint,
     line_hash,
     manifest_of,
@@ -36,6 +37,7 @@ from batchlog.manifest import (
 )
 from batchlog.plan import Call, Grouper, GroupLimits
 from batchlog.records import Record, Rejection
+from batchlog.resolution import resolved_by
 from batchlog.target import MlflowTarget, OciTarget, Target, mlflow_target, without_userinfo
 from batchlog.validate import parse_line, parse_manifests
 
@@ -127,7 +129,9 @@ class Plan:
     requests: int  # calls a run would send, merging included (before retries)
     in_doubt: int  # of those, calls an earlier run sent that may have been applied (no
     # answer, or a 5xx, and no later one said otherwise); one answered 429 only is not
-    unsuccessful_before: int  # records earlier runs failed or rejected (in the dead letter)
+    # records earlier runs failed or rejected (in the dead letter), unless it was fixed and
+    # uploaded since (resolution.resolved_by): what a run would exit 1 for
+    unsuccessful_before: int
     checkpoint: str  # what a run does with the checkpoint, in words
 
 
@@ -186,7 +190,7 @@ def plan_upload(
         invalid=counts["invalid"],
         requests=counts["requests"],
         in_doubt=counts["in_doubt"],
-        unsuccessful_before=c.failed + c.rejected,
+        unsuccessful_before=0 if _fixed_since(checkpoint, identity, c) else c.failed + c.rejected,
         checkpoint=said,
     )
 
@@ -281,6 +285,15 @@ def _resume_point(
     return point, said, identity
 
 
+def _fixed_since(checkpoint: str, identity: str, c: Counts) -> bool:
+    """Whether the failures of the checkpoint's job were fixed and uploaded from its dead
+    letter since, as a run counts them."""
+    if not (c.failed or c.rejected) or not identity:
+        return False
+    named = _read_only(checkpoint)[0].get("dead_letter")
+    return isinstance(named, str) and bool(resolved_by(named, identity))
+
+
 @dataclass(frozen=True)
 class Status:
     target: str
@@ -298,6 +311,10 @@ class Status:
     runs_not_finished: int | None  # some record of the run not finished, none failed
     last_write: float | None
     changed: bool  # a finished line's content differs from what the checkpoint recorded
+    # the checkpoint showing the dead letter fixed and uploaded in full, its own upload's
+    # (its runs are then done, not with failures): resolution.resolved_by; "" when not
+    resolved_by: str = ""
+    dead_letter: str = ""  # the dead letter read (the one the checkpoint names, or given)
 
 
 def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
@@ -305,7 +322,8 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
     not finished).
 
     A run counts as done only when every record of it finished and none is in the dead
-    letter (the one the checkpoint names, unless ``dead_letter`` is given). Read only: the
+    letter (the one the checkpoint names, unless ``dead_letter`` is given), or the dead
+    letter was fixed and uploaded in full since (``resolved_by``). Read only: the
     checkpoint is never changed. A file that is no checkpoint is a ConfigurationError.
     """
     header, point = _read_only(path)
@@ -330,7 +348,8 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
         )
     named = header.get("dead_letter")
     dead_letter = dead_letter or (named if isinstance(named, str) else None)
-    failed_runs = _dead_letter_runs(dead_letter) if dead_letter else set()
+    resolved = resolved_by(dead_letter, str(header.get("target", ""))) if dead_letter else []
+    failed_runs = _dead_letter_runs(dead_letter) if dead_letter and not resolved else set()
     runs: set[str] = set()
     open_runs: set[str] = set()
     not_finished = 0
@@ -365,6 +384,8 @@ def checkpoint_status(path: str, dead_letter: str | None = None) -> Status:
         runs_not_finished,
         point.last_write,
         changed,
+        resolved[0] if resolved else "",
+        dead_letter or "",
     )
 
 

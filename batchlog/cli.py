@@ -51,6 +51,9 @@ from batchlog.report import (
     EXIT_SOME_FAILED,
     EXIT_SYSTEMIC,
     EXIT_USAGE,
+    Counters,
+    Report,
+    Status,
 )
 from batchlog.retry import RetryPolicy
 from batchlog.settings import (
@@ -105,9 +108,18 @@ class _Parser(argparse.ArgumentParser):
 
     commands: dict[str, argparse.ArgumentParser]  # the top level's subcommands
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # a prefix is not a flag: `--max-attempt` would change meaning once a flag is added
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:  # exit 2 with a clear message, as documented
         if message.endswith("required: command"):  # argparse's words for no subcommand
             message = "give a command: " + _and(list(self.commands), "or")
+        elif message.startswith("argument command: invalid choice: "):
+            word = message.split("'")[1] if message.count("'") >= 2 else ""
+            near = difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.6)
+            message += f" (did you mean {near[0]}?)" if near else ""
         raise UsageError(message, self.prog.partition(" ")[2] or None)
 
     def parse_args(  # type: ignore[override]
@@ -118,6 +130,15 @@ class _Parser(argparse.ArgumentParser):
             if not hasattr(parsed, name):
                 setattr(parsed, name, default)
         command = getattr(parsed, "command", None)
+        # BATCHLOG_PLATFORM_ID/WORKSPACE name the real job: a rehearsal takes ids as flags
+        # only, or its checkpoint would belong to whichever ids the environment had
+        rehearsal = command == "upload" and parsed.emulate
+        for name, variable in (
+            ("platform_id", _ENV["--platform-id"]),
+            ("workspace", _ENV["--workspace"]),
+        ):
+            if hasattr(parsed, name) and getattr(parsed, name) is None and not rehearsal:
+                setattr(parsed, name, os.environ.get(variable))
         if extra:
             raise UsageError(self._unrecognized(command, extra), command)
         if command is not None:
@@ -641,14 +662,13 @@ def _oci_flags(target: Any, auth: Any) -> None:
     target.add_argument(
         "--platform-id",
         metavar="OCID",
-        default=os.environ.get("BATCHLOG_PLATFORM_ID"),
-        help="AI Data Platform OCID (required; default: env BATCHLOG_PLATFORM_ID)",
+        help="AI Data Platform OCID (required; default: env BATCHLOG_PLATFORM_ID, not read "
+        "with --emulate)",
     )
     target.add_argument(
         "--workspace",
         metavar="KEY",
-        default=os.environ.get("BATCHLOG_WORKSPACE"),
-        help="workspace key (required; default: env BATCHLOG_WORKSPACE)",
+        help="workspace key (required; default: env BATCHLOG_WORKSPACE, not read with --emulate)",
     )
     target.add_argument(
         "--endpoint",
@@ -823,9 +843,11 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         settings = dataclasses.replace(settings, target=target)
     else:
         settings = _real_settings(args)
+    accepted = False  # the --report path: once accepted, every exit writes the report
     try:
         job = Job(args.manifests, settings, on_progress=console_of(out).progress)
         _check_files(args, settings)
+        accepted = True
         job.open()
         if emulator is not None:  # said once the job can start: no line before an error
             print(f"batchlog: emulator listening on {emulator.url} ({_emulated(args)})", file=out)
@@ -834,14 +856,18 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
             await tg.start(_watch_signals, job, out)
             report = await job.run()
             tg.cancel_scope.cancel()
+    except BatchlogError as exc:
+        if not accepted:
+            raise
+        return _ended_early(args, settings, exc, out)
     finally:
         if emulator is not None:
             await emulator.stop()
     if emulator is not None:  # before the summary: with --log-format json, it is the last event
         answered = emulator.state.statuses
         print(
-            f"batchlog: emulator applied {emulator.state.applied} calls; answered "
-            f"{answered[429]} with 429, {answered[500]} with 500",
+            f"batchlog: emulator applied {emulator.state.applied:,} calls; answered "
+            f"{answered[429]:,} with 429, {answered[500]:,} with 500",
             file=out,
         )
     if report.records == 0 and report.exit_code == EXIT_OK:  # an empty manifest: no zeros
@@ -849,14 +875,41 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         console_of(out).emit("summary", report.as_dict(), [f"batchlog: {said}"])
     else:
         console_of(out).summary(report)
-    if args.report:
-        try:
-            with open(args.report, "wb") as f:
-                f.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
-        except OSError as exc:  # the figures a scheduler reads are missing: not a success
-            print(f"batchlog: error: cannot write --report {args.report}: {exc.strerror}", file=out)
-            return max(report.exit_code, EXIT_SYSTEMIC)
+    if args.report and not _write_report(args.report, report.as_dict(), out):
+        return max(report.exit_code, EXIT_SYSTEMIC)  # the figures a scheduler reads are missing
     return report.exit_code
+
+
+def _write_report(path: str, doc: dict[str, Any], out: TextIO) -> bool:
+    """``doc`` as the --report file; False (said) when it cannot be written."""
+    try:
+        with open(path, "wb") as f:
+            f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    except OSError as exc:
+        print(f"batchlog: error: cannot write --report {path}: {exc.strerror or exc}", file=out)
+        with contextlib.suppress(OSError):  # a stale report must not tell of another run
+            os.remove(path)
+        return False
+    return True
+
+
+def _ended_early(
+    args: argparse.Namespace, settings: Settings, exc: BatchlogError, out: TextIO
+) -> int:
+    """An upload that ended before its job ran (a checkpoint in use, a changed manifest):
+    the error, then a report of nothing done in place of the last run's, and the summary
+    event a scheduler waits for."""
+    code = EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_SYSTEMIC
+    print(f"batchlog: error: {exc}", file=out)
+    checkpoint, dead_letter = resolve_paths(settings, args.manifests)
+    status: Status = "failed" if code == EXIT_USAGE else "stopped"
+    doc = Report.build(Counters(), status, str(exc), checkpoint, dead_letter).as_dict()
+    doc["exit_code"] = code  # a configuration error is 2 whatever the status says
+    if args.report and not _write_report(args.report, doc, out):
+        code = max(code, EXIT_SYSTEMIC)
+        doc["exit_code"] = code
+    console_of(out).emit("summary", doc, [], loud=True)  # the text said it in the error
+    return code
 
 
 def _check_files(args: argparse.Namespace, settings: Settings) -> None:
@@ -953,7 +1006,26 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
-    st = checkpoint_status(args.checkpoint, args.dead_letter)
+    try:
+        st = checkpoint_status(args.checkpoint, args.dead_letter)
+    except ConfigurationError as exc:
+        if not str(exc).endswith("is not a batchlog checkpoint"):
+            raise
+        # a manifest given in place of its checkpoint: name the checkpoints it has
+        kept = [
+            path
+            for path in (
+                default_checkpoint([args.checkpoint]),
+                default_checkpoint([args.checkpoint], "emulated"),
+            )
+            if os.path.isfile(path)
+        ]
+        if kept:
+            hint = f"give its checkpoint: {' or '.join(kept)}"
+        else:
+            hint = "for a manifest, give its checkpoint (by default "
+            hint += f"{default_checkpoint([args.checkpoint])}, not there yet)"
+        raise ConfigurationError(f"{exc}; {hint}") from None
     lines = [
         f"target     {st.target}",
         f"manifests  {', '.join(st.manifests)}",
@@ -970,6 +1042,11 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         lines.append(
             f"runs       {st.runs_total:,}: {st.runs_done:,} done, "
             f"{st.runs_failed:,} with failures, {st.runs_not_finished:,} not finished"
+        )
+    if st.resolved_by:
+        lines.append(
+            f"fixed      the failures in {st.dead_letter} were fixed and uploaded "
+            f"(checkpoint {st.resolved_by})"
         )
     if st.last_write:
         lines.append(
@@ -1313,6 +1390,7 @@ def _main(argv: list[str], out: TextIO) -> int:
         args = build_parser().parse_args(argv)
         _check_text(args)
     except ConfigurationError as exc:
+        _log_anyway(argv, out)  # cron's missing variable belongs in the scheduler's log too
         print(f"batchlog: error: {exc}", file=out)
         if isinstance(exc, UsageError):  # the line that matters, then where help is
             print(exc.hint, file=out)
@@ -1357,6 +1435,23 @@ def _main(argv: list[str], out: TextIO) -> int:
             print(redact("".join(traceback.format_exception(exc))), end="", file=out)
         print(f"batchlog: error: {internal_error(exc)}: {BUG_ADVICE}", file=out)
         return EXIT_SYSTEMIC
+
+
+def _log_anyway(argv: list[str], out: TextIO) -> None:
+    """--log-file as the command line names it, when it could not be parsed: a usage error
+    is logged as any error. Every other word of the line counts as a file the command
+    reads (one may be a manifest); a log file that cannot be used is left out."""
+    path, at = None, -1
+    for n, word in enumerate(argv):
+        if word == "--log-file" and n + 1 < len(argv):
+            path, at = argv[n + 1], n + 1
+        elif word.startswith("--log-file="):
+            path, at = word.partition("=")[2], n
+    if not path:
+        return
+    others = [word for n, word in enumerate(argv) if n != at and not word.startswith("-")]
+    with contextlib.suppress(ConfigurationError, UnicodeError, ValueError):
+        console_of(out).configure(json_requested(argv), "-q" in argv, False, path, others)
 
 
 def _print_paths(args: argparse.Namespace, checkpoint: str, dead_letter: str, out: TextIO) -> None:
@@ -1425,7 +1520,11 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
         )
     except CheckpointError as exc:
         print(f"batchlog: dry run: a run would stop before sending anything: {exc}", file=out)
-        print("batchlog: dry run: nothing was sent", file=out)
+        doc = _plan_doc(0, 0, 0, 0, 0, 0, checkpoint, dead_letter, EXIT_SYSTEMIC)
+        doc["message"] = str(exc)
+        written = _write_plan(args, doc, out)
+        print(f"batchlog: dry run: nothing was sent{written}", file=out)
+        console_of(out).emit("summary", doc, [], loud=True)
         return EXIT_SYSTEMIC
     doubt = f" ({plan.in_doubt:,} sent before and never answered)" if plan.in_doubt else ""
     print(f"batchlog: dry run: checkpoint {plan.checkpoint}", file=out)
@@ -1437,29 +1536,64 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
         said = f"nothing to upload: {_holds_no_records(args.manifests)}"
     print(f"batchlog: dry run: {said}", file=out)
     rc = EXIT_SOME_FAILED if plan.invalid or plan.unsuccessful_before else EXIT_OK
-    written = ""
-    if args.report:
-        doc = {
-            "version": 1,  # as the run's report (README, "Output for schedulers")
-            "dry_run": True,
-            "records": plan.records,
-            "invalid": plan.invalid,
-            "already_done": plan.done,
-            "to_send": plan.to_send,
-            "requests": plan.requests,
-            "requests_in_doubt": plan.in_doubt,
-            "checkpoint": checkpoint,
-            "dead_letter": dead_letter,
-            "exit_code": rc,
-        }
-        try:
-            with open(args.report, "wb") as f:
-                f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-            written = f"; the plan is in {args.report}"
-        except OSError as exc:
-            print(f"batchlog: cannot write --report {args.report}: {exc.strerror}", file=out)
+    doc = _plan_doc(
+        plan.records,
+        plan.invalid,
+        plan.done,
+        plan.to_send,
+        plan.requests,
+        plan.in_doubt,
+        checkpoint,
+        dead_letter,
+        rc,
+    )
+    written = _write_plan(args, doc, out)
     print(f"batchlog: dry run: nothing was sent{written}", file=out)
+    # the plan as the last event, as a run's summary (text: the lines above said it)
+    console_of(out).emit("summary", doc, [], loud=rc != EXIT_OK)
     return rc
+
+
+def _plan_doc(
+    records: int,
+    invalid: int,
+    done: int,
+    to_send: int,
+    requests: int,
+    in_doubt: int,
+    checkpoint: str,
+    dead_letter: str,
+    rc: int,
+) -> dict[str, Any]:
+    """The dry run's --report and summary event."""
+    return {
+        "version": 1,  # as the run's report (README, "Output for schedulers")
+        "dry_run": True,
+        "records": records,
+        "invalid": invalid,
+        "already_done": done,
+        "to_send": to_send,
+        "requests": requests,
+        "requests_in_doubt": in_doubt,
+        "checkpoint": checkpoint,
+        "dead_letter": dead_letter,
+        "exit_code": rc,
+    }
+
+
+def _write_plan(args: argparse.Namespace, doc: dict[str, Any], out: TextIO) -> str:
+    """The plan as --report, and what the last line says of it."""
+    if not args.report:
+        return ""
+    try:
+        with open(args.report, "wb") as f:
+            f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    except OSError as exc:
+        print(f"batchlog: cannot write --report {args.report}: {exc.strerror}", file=out)
+        with contextlib.suppress(OSError):  # a stale plan must not pass for this one
+            os.remove(args.report)
+        return ""
+    return f"; the plan is in {args.report}"
 
 
 def _inputs_and_outputs(args: argparse.Namespace) -> list[str]:

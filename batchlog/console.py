@@ -29,7 +29,7 @@ from typing import Any, TextIO, cast
 import orjson
 
 from batchlog.errors import ConfigurationError, redact
-from batchlog.report import EXIT_OK, Counters, Report, utc_iso
+from batchlog.report import EXIT_OK, Counters, Report, counted, utc_iso
 
 LIVE_EVERY = 0.25  # seconds between redraws of the live line on a terminal
 EVENT_EVERY = 5.0  # seconds between progress events (lines) otherwise
@@ -292,17 +292,19 @@ def _percent(c: Counters, total: int) -> float:
 
 
 def summary_lines(r: Report) -> list[str]:
-    """The report in words, the same words as its JSON fields."""
+    """The report in words, the same words as its JSON fields; every count of a noun in
+    the singular for one (found by review: "1 records of this job did not succeed")."""
     limit = (
         "no rate limit" if r.rate_limit is None else f"rate limit {r.rate_limit:,.1f} requests/s"
     )
     lines = [
-        f"batchlog: {r.status}: {r.records:,} records: {r.succeeded:,} succeeded, "
-        f"{r.failed:,} failed, {r.rejected:,} rejected, {r.already_done:,} already done, "
+        f"batchlog: {r.status}: {counted(r.records, 'record')}: {r.succeeded:,} succeeded, "
+        f"{r.failed:,} failed, {r.rejected:,} rejected, {_already_done(r)}, "
         f"{r.pending:,} pending",
-        f"batchlog: {r.requests:,} requests, {r.retries:,} retries, {r.throttled:,} throttled, "
-        f"{r.read_backs:,} read backs; {r.records_per_s:,.1f} records/s, "
-        f"{r.requests_per_s:,.1f} requests/s, {limit}; elapsed {r.elapsed_s:.1f} s",
+        f"batchlog: {counted(r.requests, 'request')}, {counted(r.retries, 'retry', 'retries')}, "
+        f"{r.throttled:,} throttled, {counted(r.read_backs, 'read back')}; "
+        f"{r.records_per_s:,.1f} records/s, {r.requests_per_s:,.1f} requests/s, {limit}; "
+        f"elapsed {r.elapsed_s:.1f} s",
     ]
     if r.message and r.message != r.status:  # "interrupted: ... interrupted" said it twice
         lines.append(f"batchlog: {r.message}")
@@ -311,19 +313,49 @@ def summary_lines(r: Report) -> list[str]:
         earlier = r.unsuccessful_total - here
         when = f" ({here:,} in this run, {earlier:,} in earlier runs)" if earlier else ""
         lines.append(
-            f"batchlog: {r.unsuccessful_total:,} records of this job did not succeed{when}: "
-            f"they are in {r.dead_letter}; fix them and upload that file"
+            f"batchlog: {counted(r.unsuccessful_total, 'record')} of this job did not "
+            f"succeed{when}: they are in {r.dead_letter}; fix them and upload that file"
+        )
+    if r.resolved_by:
+        lines.append(
+            f"batchlog: the {counted(r.resolved_total, 'failure')} of earlier runs were fixed "
+            f"and uploaded from {r.dead_letter} (checkpoint {r.resolved_by})"
         )
     if r.status in ("stopped", "interrupted"):  # a "failed" job's message says what to do
         if r.pending:
-            lines.append(
-                f"batchlog: {r.pending:,} records were in flight or waiting to be sent: "
-                "run the same command again to resume; they are sent then, with any "
-                "records not read yet"
-            )
+            lines.append(f"batchlog: {_pending(r)}")
         else:
             lines.append("batchlog: run the same command again to resume")
     return lines
+
+
+def _already_done(r: Report) -> str:
+    """Already done counts what earlier runs finished, failures and rejects included
+    (README): when some did not succeed, say how many, as `batchlog status` does (found by
+    review: "0 rejected, 9 already done" then "3 records ... did not succeed")."""
+    succeeded, failed, rejected = r.already_done_parts
+    if not failed and not rejected:
+        return f"{r.already_done:,} already done"
+    # failures fixed and uploaded from the dead letter since: not this job's to fix any more
+    fixed = f", the {r.resolved_total:,} fixed since from the dead letter" if r.resolved_by else ""
+    return (
+        f"{r.already_done:,} already done (by earlier runs: {succeeded:,} succeeded, "
+        f"{failed:,} failed, {rejected:,} rejected{fixed})"
+    )
+
+
+def _pending(r: Report) -> str:
+    """The records a stop left unfinished, in two parts that add up to ``pending`` (found by
+    review: "the 12 records held back by the stop", then "157 records were in flight or
+    waiting to be sent", with nothing saying how the two relate)."""
+    again = "run the same command again to resume; it sends them, with any records not read yet"
+    held = min(r.held_back, r.pending)
+    if not held:
+        return f"{counted(r.pending, 'record')} pending, in flight or waiting to be sent: {again}"
+    return (
+        f"{counted(r.pending, 'record')} pending: {held:,} held back by the stop (not recorded "
+        f"as failed) and {r.pending - held:,} in flight or waiting to be sent: {again}"
+    )
 
 
 # ---- plumbing --------------------------------------------------------------------------------

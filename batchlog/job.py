@@ -60,6 +60,7 @@ from batchlog.plan import Call, Grouper, split
 from batchlog.ratecontrol import RateGate, make_gate
 from batchlog.records import Record, Rejection
 from batchlog.report import Counters, Report, Status, counted
+from batchlog.resolution import edited, resolved_by
 from batchlog.retry import NO_ANSWER, NOT_THE_API, Answer
 from batchlog.settings import Settings, resolve_paths
 from batchlog.target import Target
@@ -248,8 +249,21 @@ class Job:
             self.dead_letter_path,
         )
         return dataclasses.replace(
-            report, failed_total=counts.failed, rejected_total=counts.rejected
+            report,
+            failed_total=counts.failed,
+            rejected_total=counts.rejected,
+            held_back=sum(len(h.call.records) for h in self._held),  # part of pending
+            resolved_by=self._resolved_by(counts.unsuccessful),
         )
+
+    def _resolved_by(self, unsuccessful: int) -> str:
+        """The checkpoint showing the failures of earlier runs fixed and uploaded from the
+        dead letter, its lines but those this run added (resolution.resolved_by); "": not."""
+        assert self._dead is not None
+        if unsuccessful <= self._dead.count:  # none from earlier runs
+            return ""
+        shown = resolved_by(self.dead_letter_path, self.settings.target.identity, self._dead.count)
+        return shown[0] if shown else ""
 
     def _open_files(self) -> ResumePoint:
         s = self.settings
@@ -299,7 +313,7 @@ class Job:
             )
         if current is not None and recorded is None and dead.size > (point.dead_letter_size or 0):
             dead.set_aside()  # not known to be this job's: kept, never cut
-        else:
+        elif not edited(dead.path, point.dead_letter_size or 0):
             dead.cut_to(point.dead_letter_size or 0)
 
     # ---- producer ------------------------------------------------------------------------

@@ -112,11 +112,34 @@ class Report:
     dead_letter: str
     failed_total: int = 0  # failed records of the whole job, earlier runs included
     rejected_total: int = 0  # rejected lines of the whole job, earlier runs included
+    held_back: int = 0  # of pending: calls' records held back by a stop, not recorded as failed
+
+    # the checkpoint showing the failures of earlier runs fixed and uploaded from the dead
+    # letter: its own upload's (resolution.resolved_by); "" when they were not, or none
+    resolved_by: str = ""
 
     @property
     def unsuccessful_total(self) -> int:
-        """Records of the job that did not succeed (they are in the dead letter)."""
+        """Records of the job that did not succeed (they are in the dead letter), but for
+        those of earlier runs once fixed and uploaded from it (``resolved_by``)."""
+        if self.resolved_by:
+            return self.failed + self.rejected
         return max(self.failed_total + self.rejected_total, self.failed + self.rejected)
+
+    @property
+    def resolved_total(self) -> int:
+        """Failures of earlier runs fixed and uploaded from the dead letter."""
+        if not self.resolved_by:
+            return 0
+        return max(0, self.failed_total + self.rejected_total - self.failed - self.rejected)
+
+    @property
+    def already_done_parts(self) -> tuple[int, int, int]:
+        """Of the records already done: how many earlier runs saw succeed, fail and rejected
+        (found by review: "0 rejected, 9 already done" hid 3 lines rejected before)."""
+        failed = max(0, self.failed_total - self.failed)
+        rejected = max(0, self.rejected_total - self.rejected)
+        return max(0, self.already_done - failed - rejected), failed, rejected
 
     @property
     def exit_code(self) -> int:
@@ -167,9 +190,10 @@ class Report:
         )
 
 
-def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless one: "1 attempt", "2 attempts", "1,024 records"."""
-    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """``n`` and ``noun``, plural (``plural``, or ``noun`` + "s") unless one: "1 attempt",
+    "2 attempts", "1,024 records", "1 retry", "3 retries"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {plural or noun + 's'}"
 
 
 def utc_iso(unix: float) -> str:

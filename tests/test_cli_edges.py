@@ -228,3 +228,157 @@ def test_invalid_lines_are_failure_events_under_json(tmp_path: Path, command: li
         assert [f"{e['source']}: {e['field']}: {e['message']}" for e in failures] == shown
         for e in failures:
             assert (e["status"], e["code"]) == ("rejected", "InvalidRecord"), e
+
+
+# ---- second newcomer review: errors, reports and summaries a scheduler reads ------------------
+
+
+def without_target_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BATCHLOG_PLATFORM_ID", "BATCHLOG_WORKSPACE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_usage_error_reaches_the_log_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Item A: a variable missing from cron's environment is a usage error; it must be in
+    the --log-file the scheduler reads, as a JSON error event under --log-format json."""
+    without_target_ids(monkeypatch)
+    manifest = write_manifest(tmp_path / "runs.jsonl", mixed_records(4))
+    log = tmp_path / "lf.log"
+    cases = {
+        "missing ids": ["upload", str(manifest)],
+        "unknown flag": ["upload", str(manifest), "--emulate", "--bogus"],
+        "no command": [],
+    }
+    for name, argv in cases.items():
+        log.unlink(missing_ok=True)
+        out = run_cli([*argv, "--log-format", fmt, "--log-file", str(log), "-q"], cwd=tmp_path)
+        assert out.returncode == 2, (name, out.stderr)
+        assert log.exists(), (name, out.stderr)
+        logged = log.read_text()
+        if fmt == "json":
+            got = events(logged)
+            assert got[0]["event"] == "error", (name, logged)
+            assert events(out.stderr)[0]["event"] == "error", (name, out.stderr)
+        else:
+            assert logged.startswith("batchlog: error: "), (name, logged)
+        assert logged.splitlines()[0] in out.stderr or fmt == "json", (name, logged)
+    assert manifest.read_bytes().count(b"\n") == 4  # the manifest never got a line
+
+
+def test_a_log_file_that_is_a_manifest_stays_untouched_on_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_target_ids(monkeypatch)
+    manifest = write_manifest(tmp_path / "runs.jsonl", mixed_records(4))
+    before = manifest.read_bytes()
+    out = run_cli(["upload", str(manifest), "--log-file", str(manifest)], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert manifest.read_bytes() == before
+    assert out.stderr.startswith("batchlog: error: "), out.stderr
+
+
+def stale_report(path: Path) -> None:
+    path.write_text('{"version": 1, "status": "completed", "exit_code": 0}\n')
+
+
+def assert_stopped_report(path: Path, stderr: str, reason: str) -> None:
+    r = report(path)
+    assert r["exit_code"] == 3 and r["status"] in ("stopped", "failed"), r
+    assert reason in str(r["message"]), r
+    assert (r["succeeded"], r["failed"], r["requests"]) == (0, 0, 0), r
+    got = events(stderr)
+    assert got[-1]["event"] == "summary" and got[-1]["exit_code"] == 3, got[-1]
+    assert got[-1]["message"] == r["message"]
+
+
+def test_a_checkpoint_in_use_replaces_a_stale_report(tmp_path: Path) -> None:
+    """Item B: an overlapping cron run exits 3; last night's report must not say 0."""
+    import fcntl
+
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(4))
+    checkpoint = tmp_path / "m.emulated.batchlog-checkpoint"
+    stale_report(tmp_path / "r.json")
+    with open(str(checkpoint) + ".lock", "ab") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        argv = ["upload", str(manifest), "--emulate", "--report", "r.json", "--log-format", "json"]
+        out = run_cli(argv, cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert_stopped_report(tmp_path / "r.json", out.stderr, "in use")
+
+
+def test_a_changed_manifest_replaces_a_stale_report(tmp_path: Path) -> None:
+    records = mixed_records(6)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    argv = ["upload", str(manifest), "--emulate", "--report", "r.json", "--log-format", "json"]
+    assert run_cli(argv, cwd=tmp_path).returncode == 0
+    assert report(tmp_path / "r.json")["exit_code"] == 0
+    records[0] = inputs_record("changed", "ds")
+    write_manifest(manifest, records)
+    out = run_cli(argv, cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert_stopped_report(tmp_path / "r.json", out.stderr, "nothing was sent")
+    quiet = run_cli([*argv, "-q"], cwd=tmp_path)  # -q: a run that did not succeed says so
+    assert quiet.returncode == 3 and events(quiet.stderr)[-1]["event"] == "summary"
+
+
+def test_a_dry_run_ends_with_a_summary_event_holding_the_plan(tmp_path: Path) -> None:
+    """Item C."""
+    manifest = tmp_path / "with-errors.jsonl"
+    shutil.copy(EXAMPLES / "with-errors.jsonl", manifest)
+    argv = ["upload", str(manifest), "--dry-run", "--log-format", "json"]
+    out = run_cli([*argv, "--report", "plan.json"], cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    got = events(out.stderr)
+    assert [e["event"] for e in got].count("summary") == 1 and got[-1]["event"] == "summary"
+    plan = report(tmp_path / "plan.json")
+    assert {k: v for k, v in got[-1].items() if k not in ("event", "time")} == plan
+    assert plan["dry_run"] is True and plan["invalid"] == 3 and plan["exit_code"] == 1
+
+
+def test_a_dry_run_that_would_stop_replaces_a_stale_plan(tmp_path: Path) -> None:
+    records = mixed_records(6)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    assert run_cli(["upload", str(manifest), "--emulate"], cwd=tmp_path).returncode == 0
+    records[0] = inputs_record("changed", "ds")
+    write_manifest(manifest, records)
+    stale_report(tmp_path / "plan.json")
+    argv = ["upload", str(manifest), "--dry-run", "--emulate", "--log-format", "json"]
+    out = run_cli([*argv, "--report", "plan.json"], cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    plan = report(tmp_path / "plan.json")
+    assert plan["exit_code"] == 3 and "--restart" in str(plan["message"]), plan
+    assert events(out.stderr)[-1]["event"] == "summary"
+
+
+@pytest.mark.parametrize("env_first", [False, True])
+def test_ids_in_the_environment_do_not_bind_a_rehearsal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env_first: bool
+) -> None:
+    """Item D: the real job's ids in the environment; rehearsals with and without them
+    resume one another."""
+    without_target_ids(monkeypatch)
+    manifest = write_manifest(tmp_path / "m.jsonl", mixed_records(6))
+    argv = ["upload", str(manifest), "--emulate", "--report", "r.json"]
+    for with_env in (env_first, not env_first):
+        if with_env:
+            monkeypatch.setenv("BATCHLOG_PLATFORM_ID", "ocid1.aidataplatform.oc1.iad.x")
+            monkeypatch.setenv("BATCHLOG_WORKSPACE", "prod")
+        else:
+            without_target_ids(monkeypatch)
+        out = run_cli(argv, cwd=tmp_path)
+        assert out.returncode == 0, (with_env, out.stderr)
+    assert report(tmp_path / "r.json")["already_done"] == 6
+    for dry in ([], ["--dry-run"]):  # the dry run plans the same rehearsal
+        out = run_cli([*argv, *dry], cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+
+
+def test_the_emulator_s_count_has_thousands_separators(tmp_path: Path) -> None:
+    """Item E."""
+    manifest = write_manifest(tmp_path / "m.jsonl", one_per_run(1000))
+    out = run_cli(["upload", str(manifest), "--emulate", "--concurrency", "64"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "emulator applied 1,000 calls" in out.stderr, out.stderr

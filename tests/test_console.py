@@ -324,6 +324,32 @@ def test_the_report_has_every_documented_field_and_the_text_uses_its_words(
     assert "rate" not in r and isinstance(r["rate_limit"], float)
 
 
+def test_a_rerun_says_how_many_of_the_records_already_done_did_not_succeed(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: a rerun of a job whose first run rejected lines said "0 rejected, 9
+    already done" and then "3 records ... did not succeed", while `status` said "6
+    succeeded, 3 rejected". "already done" is what earlier runs finished (README's schema):
+    the summary says how many of them did not succeed, as `status` counts them."""
+    emu, manifest, _ = failing_job(tmp_path, emulator)
+    args = upload_args(oci, emu, str(manifest))
+    assert run_cli(args).returncode == 1
+    out = run_cli([*args, "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 1, out.stderr
+    status = run_cli(["status", str(tmp_path / "m.batchlog-checkpoint")])
+    assert "40 succeeded, 3 failed, 1 rejected" in status.stdout, status.stdout
+    [counts] = [line for line in out.stderr.splitlines() if line.startswith("batchlog: completed")]
+    assert counts.endswith(
+        "0 failed, 0 rejected, 44 already done (by earlier runs: 40 succeeded, 3 failed, "
+        "1 rejected), 0 pending"
+    ), counts
+    r = report(tmp_path / "r.json")
+    assert (r["already_done"], r["failed_total"], r["rejected_total"]) == (44, 3, 1), r
+    assert "4 records of this job did not succeed (0 in this run, 4 in earlier runs)" in (
+        out.stderr
+    ), out.stderr
+
+
 # ---- 5. output for schedulers ----------------------------------------------------------------
 
 

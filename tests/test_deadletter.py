@@ -5,6 +5,7 @@ said (big integers, number spellings, escapes and duplicated keys included)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,119 @@ def test_the_readme_shows_the_raw_shape_and_its_message_as_they_are() -> None:
     item = rejected_again(original, doc["_error"]["source"])
     assert dead_letter_line(original, rejection_error(item)) == raw_line.encode()
     assert str(rejected_again(raw_line.encode(), "runs.dead-letter.jsonl:1")) == message
+
+
+# ---- a fixed dead letter, uploaded, resolves the failures of earlier runs -------------------
+
+BAD_LINES = [b'{"run_id": "r2", oops', b"[1, 2]", b'{"run_id": "r3"}']
+
+
+def long_record(run: str) -> dict[str, Any]:
+    """A record whose line is longer than the dead-letter line it replaces: the fixed file
+    grows, and a rerun of the first job must not cut it back."""
+    return inputs_record(run, f"fixed-{run}", _note="x" * 400)
+
+
+def emulate(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(["upload", *map(str, args), "--emulate"])
+
+
+def report_of(path: Path) -> dict[str, Any]:
+    doc = orjson.loads(path.read_bytes())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_a_dead_letter_fixed_and_uploaded_resolves_the_earlier_failures(tmp_path: Path) -> None:
+    """The finding: after the dead letter was fixed and uploaded, a rerun of the job (a
+    scheduled sync, a record appended) exits 0 and says so; status too."""
+    manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1"), *BAD_LINES])
+    assert emulate(manifest).returncode == 1
+    dead = tmp_path / "m.emulated.dead-letter.jsonl"
+    write_manifest(dead, [long_record(f"f{i}") for i in range(3)])  # fixed in place
+    fixed = dead.read_bytes()
+    assert emulate(dead).returncode == 0
+    with open(manifest, "ab") as f:
+        f.write(orjson.dumps(inputs_record("r4", "ds4")) + b"\n")
+    report = tmp_path / "r.json"
+    out = emulate(manifest, "--report", report)
+    assert out.returncode == 0, out.stderr
+    shows = str(tmp_path / "m.emulated.dead-letter.batchlog-checkpoint")
+    doc = report_of(report)
+    assert doc["exit_code"] == 0 and doc["unsuccessful_total"] == 0, doc
+    assert doc["rejected_total"] == 3 and doc["resolved_by"] == shows, doc
+    assert "did not succeed" not in out.stderr, out.stderr
+    assert "of earlier runs were fixed and uploaded from" in out.stderr, out.stderr
+    assert dead.read_bytes() == fixed  # the user's fixed file, never cut back
+    dry = emulate(manifest, "--dry-run")
+    assert dry.returncode == 0, dry.stderr  # exits as the run would
+    status = run_cli(["status", str(tmp_path / "m.emulated.batchlog-checkpoint")])
+    assert status.returncode == 0 and "0 with failures" in status.stdout, status.stdout
+    assert "were fixed and uploaded (checkpoint" in status.stdout, status.stdout
+
+    # a new failure now: exit 1 for it alone; the earlier ones stay resolved
+    with open(manifest, "ab") as f:
+        f.write(b'{"run_id": "r5"}\n')
+    out = emulate(manifest, "--report", report)
+    assert out.returncode == 1, out.stderr
+    doc = report_of(report)
+    assert doc["unsuccessful_total"] == 1 and doc["resolved_by"] == shows, doc
+    assert "1 record of this job did not succeed" in out.stderr, out.stderr
+
+    # the dead letter grew after its upload: unresolved until it is uploaded again
+    out = emulate(manifest, "--report", report)
+    assert out.returncode == 1, out.stderr
+    doc = report_of(report)
+    assert doc["unsuccessful_total"] == 4 and doc["resolved_by"] == "", doc
+    lines = dead.read_bytes().splitlines()
+    lines[-1] = orjson.dumps(long_record("r5"))
+    dead.write_bytes(b"\n".join(lines) + b"\n")
+    assert emulate(dead).returncode == 0  # resumes: sends the line added since
+    out = emulate(manifest, "--report", report)
+    assert out.returncode == 0, out.stderr
+    assert report_of(report)["resolved_by"] == shows
+
+
+def test_a_dead_letter_uploaded_with_a_line_failing_resolves_once_its_own_is_fixed(
+    tmp_path: Path,
+) -> None:
+    manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1"), *BAD_LINES])
+    assert emulate(manifest).returncode == 1
+    dead = tmp_path / "m.emulated.dead-letter.jsonl"
+    write_manifest(dead, [long_record("f1"), long_record("f2"), BAD_LINES[2]])  # one left bad
+    assert emulate(dead).returncode == 1
+    report = tmp_path / "r.json"
+    out = emulate(manifest, "--report", report)
+    assert out.returncode == 1, out.stderr
+    assert report_of(report)["resolved_by"] == ""
+    dead2 = tmp_path / "m.emulated.dead-letter-2.jsonl"
+    assert len(dead2.read_bytes().splitlines()) == 1
+    write_manifest(dead2, [long_record("f3")])
+    assert emulate(dead2).returncode == 0
+    out = emulate(manifest, "--report", report)
+    assert out.returncode == 0, out.stderr
+    shows = str(tmp_path / "m.emulated.dead-letter.batchlog-checkpoint")
+    assert report_of(report)["resolved_by"] == shows  # its dead letter's own upload shown too
+    status = run_cli(["status", str(tmp_path / "m.emulated.batchlog-checkpoint")])
+    assert "0 with failures" in status.stdout, status.stdout
+
+
+def test_a_rehearsals_and_a_real_jobs_dead_letters_never_resolve_each_other(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator()
+    manifest = write_manifest(tmp_path / "m.jsonl", [inputs_record("r1", "ds1"), *BAD_LINES])
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 1  # real
+    assert emulate(manifest).returncode == 1  # rehearsal
+    real, rehearsed = tmp_path / "m.dead-letter.jsonl", tmp_path / "m.emulated.dead-letter.jsonl"
+    for dead in (real, rehearsed):
+        write_manifest(dead, [long_record(f"f{i}") for i in range(3)])
+    # each uploaded the other way: the real one rehearsed, the rehearsal's for real
+    assert emulate(real).returncode == 0
+    assert run_cli(upload_args(oci, emu, str(rehearsed))).returncode == 0
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 1
+    assert emulate(manifest).returncode == 1
+    # each its own way: resolved
+    assert run_cli(upload_args(oci, emu, str(real))).returncode == 0
+    assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 0
+    assert emulate(manifest).returncode == 1  # the rehearsal's checkpoint is the real one's

@@ -410,3 +410,51 @@ def test_a_record_out_of_its_only_attempt_says_1_attempt(
     assert "gave up after 1 attempt: down" in out.stderr, out.stderr
     [dead] = [orjson.loads(x) for x in (tmp_path / "m.dead-letter.jsonl").read_bytes().splitlines()]
     assert dead["_error"]["message"].startswith("gave up after 1 attempt: "), dead
+
+
+def test_a_stop_tells_the_records_held_back_from_the_rest_pending_and_they_add_up(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: every call answered 500, 2 attempts each, and the stop said "for the
+    12 records held back by the stop" and on the next line "157 records were in flight or
+    waiting to be sent": two counts, neither saying how it relates to the other. The summary
+    splits the report's `pending` into `held_back` and the rest, the stop message gives the
+    same count, and the rerun sends every one of them."""
+    emu = emulator(fail_before=1.0, seed=7)
+    records = mixed_records(160, runs=40)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--max-attempts", "2"]
+    out = run_cli([*args, "--report", str(tmp_path / "r.json")])
+    assert out.returncode == 3, out.stderr
+    r = report(tmp_path / "r.json")
+    held, pending = r["held_back"], r["pending"]
+    assert isinstance(held, int) and isinstance(pending, int) and 0 < held <= pending, r
+    lines = out.stderr.splitlines()
+    [stop] = [
+        line for line in lines if line.startswith("batchlog: stopped: ") and "in a row" in line
+    ]
+    assert f"the {held:,} records held back by the stop" in stop, (held, stop)
+    [left] = [line for line in lines if "pending:" in line]
+    assert f"{pending:,} records pending: {held:,} held back by the stop" in left, left
+    assert f"{pending - held:,} in flight or waiting to be sent" in left, left
+    assert "run the same command again" in left, left
+
+    emu.config.fail_before = 0.0  # the cause is fixed: the same command sends them all
+    again = run_cli([*args, "--report", str(tmp_path / "r2.json")])
+    assert again.returncode == 0, again.stderr
+    r2 = report(tmp_path / "r2.json")
+    assert (r2["already_done"], r2["succeeded"], r2["held_back"]) == (0, 160, 0), r2
+    assert_exactly_once(emu, records)
+
+
+def test_one_record_that_did_not_succeed_is_1_record() -> None:
+    """Found by review: "1 records of this job did not succeed", "1 records were in flight"."""
+    from batchlog.console import summary_lines
+    from batchlog.report import Counters, Report
+
+    c = Counters(records=3, succeeded=1, failed=1)
+    r = Report.build(c, "interrupted", "interrupted", "m.batchlog-checkpoint", "m.dead.jsonl")
+    text = "\n".join(summary_lines(r))
+    assert "1 record of this job did not succeed" in text, text
+    assert "1 record pending" in text, text
+    assert "1 records" not in text, text

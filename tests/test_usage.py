@@ -387,3 +387,44 @@ def test_verbose_before_the_command_shows_an_internal_error_s_traceback(
         assert "Traceback" in err and "internal error: RuntimeError: planted bug" in err, argv
     assert main(["upload", manifest, "--dry-run"]) == 3
     assert "Traceback" not in capsys.readouterr().err  # without -v, one line
+
+
+# ---- second newcomer review, item E --------------------------------------------------------
+
+
+def test_a_misspelt_command_gets_the_one_it_resembles(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["uplod", "m.jsonl"]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("batchlog: error: ") and "did you mean upload?" in first, first
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["upload", "m.jsonl", "--emulate", "--max-attempt", "3"], "--max-attempts"),
+        (["upload", "m.jsonl", "--emulate", "--emulate-latency", "5"], "--emulate-latency-ms"),
+        (["upload", "m.jsonl", "--emul"], None),
+        (["validate", "m.jsonl", "--log-form", "json"], "--log-format"),
+        (["emulator", "--por", "0"], "--port"),
+    ],
+)
+def test_abbreviated_flags_are_refused(tmp_path: Path, argv: list[str], meant: str | None) -> None:
+    """A prefix is not the flag: what it stands for changes when a flag is added. (A
+    subprocess: an accepted `emulator --por 0` would serve until stopped.)"""
+    out = run_cli(argv, cwd=tmp_path, timeout=30)
+    assert out.returncode == 2, out.stderr
+    first = out.stderr.splitlines()[0]
+    assert "unrecognized arguments" in first, first
+    if meant:
+        assert f"did you mean {meant}?" in first, first
+
+
+def test_status_on_a_manifest_names_its_checkpoint(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "runs.jsonl", mixed_records(4))
+    rc, stdout, stderr = status(manifest)
+    assert (rc, stdout) == (2, ""), stderr
+    assert "runs.batchlog-checkpoint" in stderr and stderr.count("\n") == 1, stderr
+    assert run_cli(["upload", str(manifest), "--emulate"], cwd=tmp_path).returncode == 0
+    rc, stdout, stderr = status(manifest)
+    assert rc == 2 and stderr.count("\n") == 1, stderr
+    assert str(tmp_path / "runs.emulated.batchlog-checkpoint") in stderr, stderr
