@@ -46,12 +46,20 @@ def without_userinfo(text: str) -> str:
     return text if end < start else f"{text[:start]}***{text[end:]}"
 
 
+def _shown(url: str) -> str:
+    """``url`` as a message shows it: no userinfo, and nothing from a '?' or '#' on (a
+    query may hold a token: found by review, ``?access_token=...`` was echoed)."""
+    shown = without_userinfo(url)  # first: a password may hold a '?' or '#'
+    cut = min((i for i in (shown.find("?"), shown.find("#")) if i >= 0), default=len(shown))
+    return shown[:cut] + (" (query not shown)" if cut < len(shown) else "")
+
+
 def _split(url: str, name: str) -> SplitResult:
     """The parts of ``url``; a ConfigurationError, never showing its userinfo, if it is
     none. An '@' after the authority is refused: RFC 3986 allows no unencoded '/', '?' or
     '#' in a user name or password, and a password holding one ends the authority inside
     it (``https://alice:12#pw@host`` is host alice, port 12), sending elsewhere."""
-    shown = without_userinfo(url)
+    shown = _shown(url)
     not_a_url = ConfigurationError(f"{name} {shown!r}: not a URL (expected http(s)://HOST[:PORT])")
     try:
         parts = urlsplit(url)
@@ -79,7 +87,7 @@ def _check_site(url: str, name: str, credentials: bool) -> SplitResult:
         raise ConfigurationError(  # never echo it: it holds credentials
             f"{name}: give only scheme, host and port (no user or password)"
         )
-    shown = without_userinfo(url)
+    shown = _shown(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"{name} {shown!r}: expected http(s)://HOST[:PORT]")
     if credentials and parts.scheme == "http" and not is_loopback(parts.hostname):
@@ -329,10 +337,13 @@ def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTa
             "--tracking-uri is required with --target mlflow (or set MLFLOW_TRACKING_URI)"
         )
     parts = _split(tracking_uri, "--tracking-uri")
-    shown = without_userinfo(tracking_uri)
+    shown = _shown(tracking_uri)
     if parts.query or parts.fragment:  # would be dropped without a word
+        # never echoed: a query may hold a token (found by review: ?access_token=...)
+        cut = without_userinfo(f"{parts.scheme}://{parts.netloc}{parts.path}")
         raise ConfigurationError(
-            f"--tracking-uri {shown!r}: give only scheme, host, port and path (no '?' or '#')"
+            f"--tracking-uri {cut!r} followed by a '?' or '#' part (not shown): give only "
+            "scheme, host, port and path; credentials go in MLFLOW_TRACKING_TOKEN"
         )
     from_uri = parts.password is not None
     if parts.password is not None:  # user:password@ (MLflow ignores a user alone, as here)
@@ -368,7 +379,7 @@ def check_endpoint(endpoint: str) -> str:
     parts = _check_site(endpoint, "--endpoint", credentials=True)
     if parts.path not in ("", "/") or parts.query:
         raise ConfigurationError(
-            f"--endpoint {without_userinfo(endpoint)!r}: give only scheme, host and port; "
+            f"--endpoint {_shown(endpoint)!r}: give only scheme, host and port; "
             "batchlog adds the path"
         )
     return f"{parts.scheme}://{parts.netloc}"

@@ -828,3 +828,23 @@ def test_credentials_in_a_tracking_uri_are_taken_out_or_refused_without_echoing_
     with pytest.raises(ConfigurationError) as err:
         check_endpoint("https://alice:s3cret-pw@datalake.example")
     assert "s3cret-pw" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://mlflow.example.com/?access_token=SeCrEt123",
+        "https://mlflow.example.com/mlflow#token=SeCrEt123",
+        "https://mlflow.example.com?SeCrEt123",
+    ],
+)
+def test_a_query_or_fragment_in_a_tracking_uri_is_refused_without_echoing_it(uri: str) -> None:
+    """Found by hostile review: a token in the URI's query string was printed in the error
+    (and in --log-file)."""
+    from batchlog.errors import ConfigurationError
+    from batchlog.target import mlflow_target
+
+    with pytest.raises(ConfigurationError) as err:
+        mlflow_target(uri)
+    assert "SeCrEt123" not in str(err.value), err.value
+    assert "mlflow.example.com" in str(err.value)
