@@ -175,12 +175,14 @@ class Job:
             self._tg.cancel_scope.cancel()
 
     def _fail_job(self, status: Status, message: str) -> None:
+        """Stop the job: take no new work; what is in flight gets its answer within the
+        grace period (found by test: cancelled, it stayed in doubt, and the corrected
+        rerun after a wrong --workspace was refused as another target's checkpoint)."""
         if self._stop_status in (None, "interrupted"):
             self._stop_status = status
             self._stop_message = message
-        self._draining = True
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        if not self._draining:
+            self.request_stop()
 
     # ---- run -----------------------------------------------------------------------------
 
