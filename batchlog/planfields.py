@@ -130,7 +130,7 @@ def source_run_id(doc: dict[str, Any], name: str = "source_run_id") -> str:
     value = doc.get(name)
     if not isinstance(value, str):
         raise FieldError(
-            name, "required" if value is None else f"expected a string, got {_kind(value)}"
+            name, "required" if value is None else f"expected a string, got {json_kind(value)}"
         )
     if not RUN_ID_PATTERN.fullmatch(value):
         raise FieldError(name, "does not match ^[a-zA-Z0-9][\\w\\-]{0,255}$")
@@ -142,7 +142,7 @@ def _text(doc: dict[str, Any], name: str, limit: int, required: bool = False) ->
     if value is None and required:
         raise FieldError(name, "required")
     if not isinstance(value, str):
-        raise FieldError(name, f"expected a string, got {_kind(value)}")
+        raise FieldError(name, f"expected a string, got {json_kind(value)}")
     if not value.strip():
         raise FieldError(name, "empty")
     if len(value) > limit:
@@ -152,7 +152,9 @@ def _text(doc: dict[str, Any], name: str, limit: int, required: bool = False) ->
 
 def _millis(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise FieldError(name, f"expected milliseconds since 1970 (an integer), got {_kind(value)}")
+        raise FieldError(
+            name, f"expected milliseconds since 1970 (an integer), got {json_kind(value)}"
+        )
     if not 0 <= value < _INT64:
         raise FieldError(name, "expected milliseconds since 1970, 0 or more")
     return value
@@ -160,7 +162,7 @@ def _millis(value: Any, name: str) -> int:
 
 def _int64(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise FieldError(name, f"expected an integer, got {_kind(value)}")
+        raise FieldError(name, f"expected an integer, got {json_kind(value)}")
     if not -_INT64 <= value < _INT64:
         raise FieldError(name, "beyond a 64-bit integer")
     return value
@@ -169,12 +171,12 @@ def _int64(value: Any, name: str) -> int:
 def _entries(doc: dict[str, Any], name: str, limit: int) -> list[dict[str, Any]]:
     value = doc.get(name, [])
     if not isinstance(value, list):
-        raise FieldError(name, f"expected an array, got {_kind(value)}")
+        raise FieldError(name, f"expected an array, got {json_kind(value)}")
     if len(value) > limit:
         raise FieldError(name, f"{len(value):,} entries, at most {limit:,} in one log-batch")
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            raise FieldError(f"{name}[{i}]", f"expected an object, got {_kind(item)}")
+            raise FieldError(f"{name}[{i}]", f"expected an object, got {json_kind(item)}")
     return value
 
 
@@ -187,7 +189,8 @@ def _key(item: dict[str, Any], where: str, allowed: tuple[str, ...]) -> str:
     key = item.get("key")
     if not isinstance(key, str):
         raise FieldError(
-            f"{where}.key", "required" if key is None else f"expected a string, got {_kind(key)}"
+            f"{where}.key",
+            "required" if key is None else f"expected a string, got {json_kind(key)}",
         )
     if not key or len(key) > MAX_KEY:
         raise FieldError(f"{where}.key", f"{len(key):,} characters, expected 1 to {MAX_KEY}")
@@ -206,7 +209,7 @@ def _value(item: dict[str, Any], where: str, limit: int) -> str:
     if not isinstance(value, str):
         raise FieldError(
             f"{where}.value",
-            "required" if value is None else f"expected a string, got {_kind(value)}",
+            "required" if value is None else f"expected a string, got {json_kind(value)}",
         )
     if len(value) > limit:
         raise FieldError(
@@ -224,7 +227,7 @@ def _metric_value(value: Any, name: str) -> float | int | str:
             return str(value)
         raise FieldError(name, f"expected a number or one of {', '.join(METRIC_WORDS)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FieldError(name, f"expected a number, got {_kind(value)}")
+        raise FieldError(name, f"expected a number, got {json_kind(value)}")
     try:  # an integer beyond a double raises (found by test: it ended the job)
         number = float(value) if isinstance(value, int) and abs(value) > 2**53 else value
     except OverflowError:
@@ -234,7 +237,8 @@ def _metric_value(value: Any, name: str) -> float | int | str:
     return number
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in a message's words (also batchlog.validate's)."""
     if value is None:
         return "null"
     if isinstance(value, bool):

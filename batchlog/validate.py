@@ -33,6 +33,9 @@ from batchlog.planfields import (
     log_batch_fields,
     update_run_fields,
 )
+from batchlog.planfields import (
+    json_kind as _kind,
+)
 from batchlog.planfields import source_run_id as plan_source_run_id
 from batchlog.records import OPS, PLAN_OPS, Op, Record, Rejection
 
@@ -471,20 +474,6 @@ def _strip_notes(obj: dict[str, Any]) -> dict[str, Any]:
     if any(k.startswith("_") for k in obj):
         return {k: v for k, v in obj.items() if not k.startswith("_")}
     return obj
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def _short(value: Any, limit: int = 40) -> str:
