@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from batchlog import limits
 from batchlog.plan import make_call
-from batchlog.records import Record, Rejection
+from batchlog.records import OPS, Record, Rejection
 from batchlog.target import MlflowTarget, OciTarget, Target
 from batchlog.validate import parse_line
 
@@ -706,8 +706,8 @@ def bad_ops(draw: st.DrawFn) -> Defect:
         doc["op"] = value = draw(not_a("a string"))
         return draw(written(doc, "op", f"expected a string, got {got(value)}"))
     if how == "name":
-        doc["op"] = draw(texts.filter(lambda t: t not in ("log-inputs", "log-model")))
-        return draw(written(doc, "op", ".* is not one of log-inputs, log-model"))
+        doc["op"] = draw(texts.filter(lambda t: t not in OPS))
+        return draw(written(doc, "op", ".* is not one of " + re.escape(", ".join(OPS))))
     if how == "model too":
         if inputs:
             doc["model_json"] = draw(model_documents())
