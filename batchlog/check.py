@@ -14,7 +14,6 @@ import orjson
 
 from batchlog.errors import CheckpointError, ConfigurationError
 from batchlog.files import MIB, UnusableFile, check_regular
-from batchlog.job import READ_BATCH, calls_to_send, check_done_lines
 from batchlog.journal import (
     OTHER_JOB_HINT,
     Counts,
@@ -36,6 +35,7 @@ from batchlog.manifest import (
     read_lines,
 )
 from batchlog.plan import Call, Grouper, GroupLimits
+from batchlog.planorder import PlanOrder
 from batchlog.records import Record, Rejection
 from batchlog.resolution import resolved_by
 from batchlog.target import MlflowTarget, OciTarget, Target, mlflow_target, without_userinfo
@@ -60,16 +60,64 @@ def check_manifests(
 ) -> CheckSummary:
     check_readable(manifests)
     grouper = Grouper(OciTarget("http://127.0.0.1", "check", "check"), grouping or GroupLimits())
+    order = PlanOrder()
+    planned = PlannedRequests(order)
     records = rejected = calls = 0
     for item in parse_manifests(manifests):
         records += 1
+        if isinstance(item, Record):
+            item = order.check(item)
         if isinstance(item, Rejection):
             rejected += 1
             on_rejection(item)
             continue
-        calls += sum(1 for _ in grouper.add(item))
-    calls += sum(1 for _ in grouper.flush())
+        calls += sum(planned.of(call) for call in grouper.add(item))
+    calls += sum(planned.of(call) for call in grouper.flush())
     return CheckSummary(records, rejected, calls)
+
+
+class PlannedRequests:
+    """The HTTP requests a run sends for a call, as far as can be known without the target
+    (batchlog.migrate.create_run): one, but a plan's create-run is several. The first of a
+    job lists the target's experiments (one page is assumed); each run is looked up by its
+    tag; an experiment met for the first time is looked up by name and, when new, created;
+    then the run is created. Without retry tokens
+    (open-source MLflow) the tag is searched once more after runs/create, and before each
+    update-run. An experiment or run already on the target is found, not created, and a
+    run is looked up only in the experiments the target has when it comes (none at first
+    on an empty target): an estimate, at most one request over per run."""
+
+    def __init__(self, order: PlanOrder, retry_tokens: bool = True) -> None:
+        self._order = order  # its repeats of a create-run send nothing
+        self._retry_tokens = retry_tokens
+        self._listed = False  # the job's experiments/search, counted once
+        self._looked_up: set[str] = set()  # experiment names a create-run counted so far
+        self._there: set[str] = set()  # experiment names known to be on the target
+
+    def there(self, record: Record) -> None:
+        """``record``, a create-run, was done by an earlier run: its experiment exists."""
+        if record.op == "create-run" and record.fields:
+            self._there.add(str(record.fields["experiment"]))
+
+    def of(self, call: Call) -> int:
+        first = call.records[0]
+        if not first.source_run:
+            return 1
+        if call.op == "update-run":
+            return 1 if self._retry_tokens else 2  # the copies looked for first
+        if call.op != "create-run" or not first.fields:
+            return 1
+        if first.seq in self._order.repeats:
+            return 0
+        count = 2 if self._retry_tokens else 3  # runs/search, runs/create (runs/search)
+        if not self._listed:
+            self._listed = True
+            count += 1  # experiments/search
+        name = str(first.fields["experiment"])
+        if name not in self._looked_up:
+            self._looked_up.add(name)
+            count += 1 if name in self._there else 2  # get-by-name (experiments/create)
+        return count
 
 
 # ---- planning an upload (--dry-run) -----------------------------------------------------
@@ -126,7 +174,8 @@ class Plan:
     done: int  # finished by earlier runs (succeeded, failed or rejected)
     to_send: int  # valid records not finished: a run sends them
     invalid: int  # lines a run would reject (not yet rejected by an earlier run)
-    requests: int  # calls a run would send, merging included (before retries)
+    requests: int  # requests a run would send, merging included (before retries;
+    # a plan's create-run is several: PlannedRequests)
     in_doubt: int  # of those, calls an earlier run sent that may have been applied (no
     # answer, or a 5xx, and no later one said otherwise); one answered 429 only is not
     # records earlier runs failed or rejected (in the dead letter), unless it was fixed and
@@ -152,6 +201,8 @@ def plan_upload(
 
     Raises CheckpointError (ManifestChanged included) where a run would refuse to start.
     """
+    from batchlog.job import calls_to_send, check_done_lines  # not for validate: it is slow
+
     check_readable(manifests)
     point, said, identity = _resume_point(manifests, checkpoint, known, grouping, restart)
     if target is None:
@@ -159,11 +210,13 @@ def plan_upload(
     sent = {key: doubt.records for key, doubt in point.doubt.items()}
     grouper = Grouper(target, grouping, sent)
     counts = {"to_send": 0, "invalid": 0, "requests": 0, "in_doubt": 0}
+    order = PlanOrder(point.runs)  # the producer's rules, from the same checkpoint
+    planned = PlannedRequests(order, target.retry_tokens)
 
     def count(calls: list[Call]) -> None:
         for call in calls:
             for unfinished in calls_to_send(target, call, point):
-                counts["requests"] += 1
+                counts["requests"] += planned.of(unfinished)
                 counts["in_doubt"] += unfinished.records[0].seq in point.doubt
 
     for index, path in enumerate(manifests):
@@ -178,7 +231,9 @@ def plan_upload(
                     f"{exc}, according to checkpoint {checkpoint}: use --restart to start "
                     "this job over, or give another --checkpoint for a new job"
                 ) from None
-            _plan_manifest(reader, grouper, point, checkpoint, counts, on_rejection, count)
+            _plan_manifest(
+                reader, grouper, (order, planned), point, checkpoint, counts, on_rejection, count
+            )
         finally:
             reader.close()
         count(list(grouper.flush()))  # a call never spans two manifests
@@ -198,6 +253,7 @@ def plan_upload(
 def _plan_manifest(
     reader: ManifestReader,
     grouper: Grouper,
+    plan: tuple[PlanOrder, PlannedRequests],
     point: ResumePoint,
     checkpoint: str,
     counts: dict[str, int],
@@ -205,7 +261,10 @@ def _plan_manifest(
     count: Callable[[list[Call]], None],
 ) -> None:
     """One manifest, line by line as the job's producer goes through it."""
+    from batchlog.job import READ_BATCH
+
     index, name = reader.index, display_name(reader.path)
+    order, planned = plan
     while True:
         lines, boundary = reader.batch(READ_BATCH)
         if not lines and boundary is None and not reader.blocked:
@@ -219,6 +278,10 @@ def _plan_manifest(
                 else parse_line(line.raw, key, source)
             )
             known = point.done.get(key)
+            if isinstance(item, Record):  # the plan's order, as the producer checks it
+                if known is not None and item.source_run and item.run_id in point.runs:
+                    planned.there(item)  # a run made: its experiment is there
+                item = order.check(item, known is not None)
             if known is not None:  # finished by an earlier run
                 if known != line_hash(line.raw):
                     raise ManifestChanged(

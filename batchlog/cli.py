@@ -24,13 +24,6 @@ import orjson
 from anyio.abc import TaskStatus
 
 from batchlog import interrupts
-from batchlog.check import (
-    PLANNED_ENDPOINT,
-    KnownTarget,
-    check_manifests,
-    checkpoint_status,
-    plan_upload,
-)
 from batchlog.console import Console, console_of, json_requested
 from batchlog.errors import (
     BUG_ADVICE,
@@ -41,7 +34,6 @@ from batchlog.errors import (
     redact,
 )
 from batchlog.files import MIB, UnusableFile, read_capped
-from batchlog.job import Job
 from batchlog.manifest import STDIN, check_readable, display_name
 from batchlog.plan import GroupLimits
 from batchlog.records import Rejection
@@ -70,7 +62,6 @@ from batchlog.settings import (
     default_dead_letter,
     resolve_paths,
 )
-from batchlog.signing import KeySource, StaticKey
 from batchlog.target import (
     MlflowTarget,
     OciTarget,
@@ -80,10 +71,11 @@ from batchlog.target import (
     mlflow_target,
     region_endpoint,
 )
-from batchlog.verify import verify, verify_source
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # only sending needs these (aiohttp, cryptography): imported where it does
     from batchlog.emulator.rehearsal import Files
+    from batchlog.job import Job
+    from batchlog.signing import KeySource
 
 EMULATED_PLATFORM = "ocid1.aidataplatform.oc1..emulator"
 EMULATED_WORKSPACE = "emulator"
@@ -809,7 +801,9 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
     if args.emulate:
         from cryptography.hazmat.primitives.asymmetric import rsa
 
+        from batchlog.check import PLANNED_ENDPOINT
         from batchlog.emulator import Emulator, EmulatorConfig
+        from batchlog.signing import StaticKey
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         # a rehearsal never shares a checkpoint with the real upload: its own files, and
@@ -843,6 +837,8 @@ async def _upload(args: argparse.Namespace, out: TextIO) -> int:
         settings = dataclasses.replace(settings, target=target)
     else:
         settings = _real_settings(args)
+    from batchlog.job import Job
+
     accepted = False  # the --report path: once accepted, every exit writes the report
     try:
         job = Job(args.manifests, settings, on_progress=console_of(out).progress)
@@ -993,6 +989,8 @@ def _show_rejections(args: argparse.Namespace, out: TextIO) -> Callable[[Rejecti
 
 
 def _validate(args: argparse.Namespace, out: TextIO) -> int:
+    from batchlog.check import check_manifests  # here: --help needs none of it
+
     summary = check_manifests(args.manifests, _show_rejections(args, out))
     if not summary.records:
         print(f"batchlog: no records in {', '.join(map(display_name, args.manifests))}", file=out)
@@ -1006,6 +1004,8 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
+    from batchlog.check import checkpoint_status
+
     try:
         st = checkpoint_status(args.checkpoint, args.dead_letter)
     except ConfigurationError as exc:
@@ -1060,6 +1060,8 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _verify(args: argparse.Namespace, out: TextIO) -> int:
     """``batchlog verify``: read back what the manifests (or a plan) say is on the target."""
+    from batchlog.verify import verify, verify_source
+
     target: Target
     keys: KeySource | None = None
     ca, verify_tls = args.ca_bundle, True
@@ -1481,6 +1483,8 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
     """Plan the upload from the manifests and the checkpoint alone: no credentials, no
     network, nothing written but --report. Exits as the run would if every request it
     plans succeeded (1: invalid lines, or failures of earlier runs; 3: it would refuse)."""
+    from batchlog.check import PLANNED_ENDPOINT, KnownTarget, plan_upload
+
     target: Target | None = None
     if args.emulate or args.platform_id == EMULATED_PLATFORM:  # its own checkpoint, identity
         platform = args.platform_id or EMULATED_PLATFORM

@@ -6,6 +6,11 @@ object (invalid JSON, not UTF-8, over-long), ``{"_raw": THE LINE AS TEXT, "_erro
 Fields starting with ``_`` are ignored on upload, so a fixed file can be uploaded as it is;
 a line still holding ``_raw`` and no record is rejected again (validate.kept_as_text), and
 its next dead-letter line is the same with its ``_error`` replaced, never wrapped twice.
+
+A plan's line names its run by its source id, which only the run's create-run line maps:
+the first line of a run going to a dead letter comes after a copy of that create-run line
+(``CreateRunCopies``; ``_error.status`` "context", no failure), so that the dead letter's
+own upload finds the run by its tag and logs to it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from typing import Any, BinaryIO
 import orjson
 
 from batchlog import durable
-from batchlog.errors import DeadLetterError
-from batchlog.validate import top_level_spans
+from batchlog.errors import BatchlogError, DeadLetterError
+from batchlog.journal import record_key
+from batchlog.manifest import STDIN, Boundary, display_name, read_lines
+from batchlog.records import Record
+from batchlog.validate import parse_line, top_level_spans
 
 log = logging.getLogger("batchlog")
 
@@ -80,7 +88,8 @@ class DeadLetter:
         ``path`` by an earlier job is renamed now, never mixed into this one's (one line per
         record that did not succeed), never cut back by its resume, and never lost."""
         self.path = path
-        self.count = 0  # lines added in this run
+        self.count = 0  # records added in this run (a create-run's copy is none)
+        self.lines = 0  # lines added in this run
         self._buffer: list[bytes] = []  # lines not yet written
         self._file: BinaryIO | None = None  # opened by the first write
         try:
@@ -121,9 +130,12 @@ class DeadLetter:
             return None
         return (st.st_dev, st.st_ino)
 
-    def add(self, raw: bytes, error: dict[str, Any]) -> None:
+    def add(self, raw: bytes, error: dict[str, Any], record: bool = True) -> None:
+        """Add ``raw`` with its ``_error``; ``record``: a record that did not succeed (else
+        a copy that only makes the file uploadable, CreateRunCopies)."""
         self._buffer.append(dead_letter_line(raw, error))
-        self.count += 1
+        self.count += 1 if record else 0
+        self.lines += 1
 
     def cut_to(self, size: int) -> None:
         """Drop what lies beyond ``size`` bytes (lines of records the journal does not count
@@ -194,3 +206,124 @@ def _check_creatable(path: str) -> None:
         raise DeadLetterError(f"cannot create dead-letter file {path}: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DeadLetterError(f"cannot create dead-letter file {path}: cannot write in {folder}")
+
+
+CONTEXT = "context"  # _error.status of a create-run's copy: no failure
+
+
+class CreateRunCopies:
+    """The create-run lines of a plan's runs, so that a dead letter holding a line of a run
+    holds that run's create-run line before it, once (found by review: a dead letter of
+    log-batch lines alone could not be uploaded, "no create-run for this run earlier").
+
+    A run whose create-run failed has its own line there (a failure); a run created (or
+    found) gets a copy of its line, a note in ``_error`` saying so: uploaded, it finds the
+    run by its tag, and creates nothing."""
+
+    def __init__(self, present: set[str]) -> None:
+        self._lines: dict[str, tuple[int, bytes, str]] = {}  # run -> (seq, line, FILE:LINE)
+        self._present = present  # runs whose create-run line the dead letter holds
+        self._sought: set[str] = set()  # runs whose line was looked for in the manifests
+
+    def wants(self, run: str) -> bool:
+        """Whether the create-run line of ``run`` (a run the checkpoint maps) is to be
+        looked for behind the watermark (find_create_runs): not known, never sought."""
+        return run not in self._lines and run not in self._present and run not in self._sought
+
+    def sought(self, run: str, found: list[Record]) -> None:
+        self._sought.add(run)
+        for record in found:
+            self.declared(record)
+
+    def declared(self, record: Record) -> None:
+        """``record`` is its run's create-run (it passed the plan's order rules)."""
+        self._lines[record.run_id] = (record.seq, record.raw, record.source)
+
+    def knows(self, run: str) -> bool:
+        return run in self._lines
+
+    def is_declaration(self, record: Record) -> bool:
+        line = self._lines.get(record.run_id)
+        return record.op == "create-run" and line is not None and line[0] == record.seq
+
+    def failed(self, run: str) -> None:
+        """The run's create-run failed: its own line goes to the dead letter."""
+        self._present.add(run)
+
+    def copy_for(self, run: str, target: str) -> tuple[bytes, dict[str, Any]] | None:
+        """The line and ``_error`` of the run's create-run copy, if the dead letter needs
+        one (``target``: the run on the target); None when it holds one or none is known."""
+        line = self._lines.get(run)
+        if line is None or run in self._present:
+            return None
+        self._present.add(run)
+        _, raw, source = line
+        note = {
+            "status": CONTEXT,
+            "code": "RunCreated",
+            "message": (
+                f"not a failure: the create-run of run {run}, done (target run {target}), "
+                "copied here so that the lines of its run after it can be uploaded from this "
+                "dead letter: uploaded, it finds that run by its tag and creates nothing"
+            ),
+            "source": source,
+        }
+        return raw, note
+
+
+def find_create_runs(manifests: list[str], marks: list[Boundary], run: str) -> list[Record]:
+    """The create-run line of ``run`` in the part of the manifests below ``marks`` (read by
+    an earlier run of the job, never read again by this one), if it can be read again:
+    for a line appended to a run an earlier run created (blocking: call from a thread)."""
+    for index, path in enumerate(manifests):
+        below = marks[index].records if index < len(marks) else 0
+        if not below or path == STDIN or not os.path.isfile(path):
+            continue
+        name = display_name(path)
+        try:
+            for line in read_lines(path, index):
+                if line.record >= below:
+                    break
+                if line.problem or b"create-run" not in line.raw:
+                    continue
+                item = parse_line(line.raw, record_key(index, line.record), f"{name}:{line.number}")
+                if isinstance(item, Record) and item.op == "create-run" and item.run_id == run:
+                    return [item]  # the first: a second was rejected
+        except (BatchlogError, OSError):  # not readable again: no copy
+            continue
+    return []
+
+
+def create_runs_in(path: str) -> set[str]:
+    """The runs whose create-run line the dead letter at ``path`` holds (a resumed job goes
+    on adding to it: never a second copy)."""
+    runs: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if b"create-run" not in raw:
+                    continue
+                try:
+                    doc = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(doc, dict) and doc.get("op") == "create-run":
+                    run = doc.get("source_run_id")
+                    if isinstance(run, str):
+                        runs.add(run)
+    except OSError:
+        pass  # none there
+    return runs
+
+
+def run_named(raw: bytes) -> str | None:
+    """The ``source_run_id`` a line names, if it is a JSON object naming one (a line
+    rejected for another field)."""
+    if b"source_run_id" not in raw:
+        return None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    run = doc.get("source_run_id") if isinstance(doc, dict) else None
+    return run if isinstance(run, str) else None

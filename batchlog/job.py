@@ -15,7 +15,6 @@ Nothing in here prints; the CLI renders the counters and the report.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -23,15 +22,22 @@ import os
 import random
 import select
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
+import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchlog.deadletter import DeadLetter
+from batchlog.deadletter import (
+    CreateRunCopies,
+    DeadLetter,
+    create_runs_in,
+    find_create_runs,
+    run_named,
+)
 from batchlog.errors import BUG_ADVICE, BatchlogError, DeadLetterError, internal_error
 from batchlog.journal import (
     REJECTED,
@@ -54,18 +60,29 @@ from batchlog.manifest import (
     display_name,
     read_lines,
 )
-from batchlog.migrate import ALREADY_THERE, DEPENDENCY_FAILED, RunBook, create_run, resolve
+from batchlog.migrate import (
+    ALREADY_THERE,
+    DEPENDENCY_FAILED,
+    RunBook,
+    create_run,
+    other_copy,
+    resolve,
+)
 from batchlog.operations import operation
 from batchlog.plan import Call, Grouper, split
-from batchlog.ratecontrol import RateGate, make_gate
+from batchlog.planorder import PlanOrder
 from batchlog.records import Record, Rejection
+from batchlog.replay import Replays, missing, reads_back, trimmed
 from batchlog.report import Counters, Report, Status, counted
 from batchlog.resolution import edited, resolved_by
 from batchlog.retry import NO_ANSWER, NOT_THE_API, Answer
 from batchlog.settings import Settings, resolve_paths
 from batchlog.target import Target
-from batchlog.transport import Transport
 from batchlog.validate import parse_line
+
+if TYPE_CHECKING:  # aiohttp and asyncio load when a job starts: a dry run needs neither
+    from batchlog.ratecontrol import RateGate
+    from batchlog.transport import Transport
 
 log = logging.getLogger("batchlog")
 
@@ -106,6 +123,10 @@ class Job:
         settings: Settings,
         on_progress: Callable[[Counters], None] | None = None,
     ) -> None:
+        import asyncio
+
+        from batchlog.ratecontrol import make_gate
+
         check_readable(manifests)
         self.manifests = manifests
         self.settings = settings
@@ -128,6 +149,7 @@ class Job:
         self._failures_logged = 0
         self._journal: Journal | None = None
         self._dead: DeadLetter | None = None
+        self._copies = CreateRunCopies(set())  # a plan's create-run lines, for the dead letter
         self._readers: list[ManifestReader] = []
         self._open_ended: set[int] = set()  # first keys of each manifest's last call
         self._transport: Transport | None = None
@@ -140,6 +162,8 @@ class Job:
         self._flushed = anyio.Event()  # set when what was journaled before it is on disk
         self._point: ResumePoint | None = None  # where the checkpoint says the job stands
         self._book = RunBook({})  # a plan's runs: source -> target, and their calls' order
+        self._order = PlanOrder()  # a plan's order rules, fed by the producer
+        self._replays = Replays()  # calls that repeat an earlier line: read back first
         # a plan's calls left unsent, and the run each needs ("" for an update-run behind a
         # held call of its run): their run's creation, or an earlier call, was held back
         self._unresolved: list[tuple[Call, str]] = []
@@ -195,8 +219,11 @@ class Job:
         if self._point is None:
             self._point = self._open_files()
             self._book = RunBook(self._point.runs, self._point.found)
+            self._order = PlanOrder(self._point.runs)
 
     async def run(self) -> Report:
+        from batchlog.transport import Transport
+
         self.open()
         point = self._point
         assert point is not None
@@ -265,7 +292,7 @@ class Job:
         assert self._dead is not None
         if unsuccessful <= self._dead.count:  # none from earlier runs
             return ""
-        shown = resolved_by(self.dead_letter_path, self.settings.target.identity, self._dead.count)
+        shown = resolved_by(self.dead_letter_path, self.settings.target.identity, self._dead.lines)
         return shown[0] if shown else ""
 
     def _open_files(self) -> ResumePoint:
@@ -294,6 +321,7 @@ class Job:
             self._dead = DeadLetter(self.dead_letter_path, set_aside=point.created)
             if not point.created:
                 self._own_dead_letter(self._dead, point)
+                self._copies = CreateRunCopies(create_runs_in(self.dead_letter_path))
         except BaseException:
             journal.close()
             for reader in self._readers:
@@ -404,6 +432,7 @@ class Job:
                 else:
                     journal.read(key, h)
                     c.records += 1
+                    await self._seek_create_run(item)
                     if isinstance(item, Rejection):
                         self._reject(item)
                         continue
@@ -438,6 +467,7 @@ class Job:
 
     async def _send_unfinished(self, send: MemoryObjectSendStream[Call], call: Call) -> None:
         assert self._point is not None
+        self._replays.note(call)  # finished or not: a later repeat of it is read back
         for unfinished in calls_to_send(self.settings.target, call, self._point):
             if unfinished.records[0].source_run:  # its place among its run's calls
                 ticket = self._book.ticket(unfinished.records[0].run_id)
@@ -445,29 +475,31 @@ class Job:
             await send.send(unfinished)
 
     def _check_plan_line(self, record: Record, done: bool) -> Record | Rejection:
-        """A plan's line names a run some create-run earlier in the job declares (a line an
-        earlier run finished is taken as it was). Reads create-run lines into the book."""
-        book, source = self._book, record.run_id
-        problem: tuple[str, str] | None = None
-        if record.op == "create-run":
-            parent = (record.fields or {}).get("parent_source_run_id")
-            if book.knows(source) and not done:
-                problem = ("source_run_id", "a second create-run for this run in the plan")
-            elif parent and not book.knows(str(parent)) and not done:
-                problem = (
-                    "parent_source_run_id",
-                    "no create-run for the parent run earlier in the plan (parents first)",
-                )
-            else:
-                book.declare(source, done)
-        elif not book.knows(source) and not done:
-            problem = (
-                "source_run_id",
-                "no create-run for this run earlier in the plan (a run's create-run first)",
-            )
-        if problem is None:
-            return record
-        return Rejection(record.seq, record.source, record.raw, *problem)
+        """A plan's line in its place (planorder: the rules validate and the dry run apply
+        too; a line an earlier run finished is taken as it was). Reads create-run lines
+        into the book."""
+        checked = self._order.check(record, done)
+        if isinstance(checked, Record) and record.op == "create-run":
+            self._book.declare(record.run_id, done)
+            self._copies.declared(record)
+        return checked
+
+    async def _seek_create_run(self, item: Record | Rejection) -> None:
+        """A line of a run whose create-run an earlier run of the job did, behind the
+        watermark (never read again): that create-run line is looked for in the manifest,
+        for the dead letter to copy if this line goes there (found by test: a line appended
+        for such a run, refused, could not be uploaded from the dead letter)."""
+        assert self._point is not None
+        if isinstance(item, Record):
+            run = item.run_id if item.source_run and item.op != "create-run" else None
+        else:
+            run = run_named(item.raw)
+        if run is None or run not in self._point.runs or not self._copies.wants(run):
+            return
+        found = await anyio.to_thread.run_sync(
+            find_create_runs, self.manifests, self._point.marks, run
+        )
+        self._copies.sought(run, found)
 
     def _changed(self, name: str, line: int) -> str:
         return (
@@ -476,6 +508,27 @@ class Job:
         )
 
     def _reject(self, item: Rejection) -> None:
+        """Record an invalid line. One naming a plan's run whose create-run has not ended
+        yet waits for it: the dead letter then holds a copy of that create-run before it
+        if it was created, nothing more if it failed (its own line is there)."""
+        run = run_named(item.raw)
+        if run is not None and self._copies.knows(run):
+            if self._book.target_of(run) is None and self._book.failure_of(run) is None:
+                assert self._tg is not None
+                self._tg.start_soon(self._reject_when_created, item, run)
+                return
+            self._copy_create_run(run)
+        self._rejected(item)
+
+    async def _reject_when_created(self, item: Rejection, run: str) -> None:
+        with self._idle():
+            await self._book.wait_created(run)
+        if self._draining:
+            return  # left unfinished: read and rejected again by the next run
+        self._copy_create_run(run)  # none if its creation was held back: not known to be there
+        self._rejected(item)
+
+    def _rejected(self, item: Rejection) -> None:
         assert self._journal is not None and self._dead is not None
         self.counters.rejected += 1
         error: dict[str, object] = {
@@ -488,6 +541,15 @@ class Job:
         self._dead.add(item.raw, error)
         self._journal.finish((item.seq,), REJECTED)
         self._log_failure(error, "%s", item)
+
+    def _copy_create_run(self, run: str) -> None:
+        """Before a line of ``run`` goes to the dead letter: a copy of its create-run line,
+        if the run is on the target and the dead letter has no create-run line of it yet."""
+        assert self._dead is not None
+        target = self._book.target_of(run)
+        copy = self._copies.copy_for(run, target) if target is not None else None
+        if copy is not None:
+            self._dead.add(*copy, record=False)
 
     # ---- workers -------------------------------------------------------------------------
 
@@ -532,19 +594,70 @@ class Job:
 
     async def _handle(self, call: Call, tries: _Tries) -> None:
         """Process a call; a plan's call once its run is known on the target (its
-        create-run has ended), or for an update-run once every call before it has ended."""
+        create-run has ended), or for an update-run once every call before it has ended.
+        A call that may repeat another (batchlog.replay) goes after it, and reads back."""
         if call.ticket < 0:
-            await self._process(call, tries)
+            await self._process_in_turn(call, tries)
             return
         source = call.records[0].run_id
         try:
+            if call.op == "create-run" and call.records[0].seq in self._order.repeats:
+                await self._repeat(call)
+                return
             resolved = await self._resolve(call)
+            if resolved is not None and self._replays.repeats(resolved):
+                resolved = await self._after_earlier_calls(resolved)
             if resolved is not None:
                 if resolved.op in ("log-model", "log-inputs") and self._book.was_found(source):
                     tries.read_back = tries.maybe_applied = True  # an earlier upload's run
                 await self._process(resolved, tries)
         finally:
             self._book.ended(source, call.ticket, call.op)
+
+    async def _repeat(self, call: Call) -> None:
+        """A create-run that repeats its run's first (planorder): it sends nothing, and
+        ends as the first did (found by review: `cat plan plan` exited 1 on each repeat)."""
+        source = call.records[0].run_id
+        with self._idle():
+            run = await self._book.wait_created(source)
+        if run.target is not None:
+            self._succeed(call, Answer(200, "Repeat", sent=False))  # the run, as it was
+        elif run.failure is not None:
+            self._not_created(call, source, run.failure)
+        elif not self._draining:
+            self._unresolved.append((call, source))  # the first was held back
+
+    async def _process_in_turn(self, call: Call, tries: _Tries) -> None:
+        """A hand-written call, one at a time among the calls of its identity (the same
+        line given twice): the second reads back what the first did."""
+        if not reads_back(call):
+            await self._process(call, tries)
+            return
+        entered = False
+        with self._idle():
+            await self._replays.enter(call)
+            entered = True
+        if not entered:
+            return  # stopping: left unfinished
+        try:
+            await self._process(call, tries)
+        finally:
+            self._replays.leave(call)
+
+    async def _after_earlier_calls(self, call: Call) -> Call | None:
+        """A plan's call that repeats an earlier one (or its run met again after its
+        update-run) goes once every earlier call of its run has ended, so that its read
+        back sees what they did; None if one of them was held back (sent again later) or
+        the job is stopping: left unsent, as an update-run is then."""
+        source = call.records[0].run_id
+        with self._idle():
+            await self._book.wait_before(source, call.ticket)
+        if self._draining:
+            return None
+        if self._book.held_before(source, call.ticket):
+            self._unresolved.append((call, ""))
+            return None
+        return call
 
     async def _resolve(self, call: Call) -> Call | None:
         """The call as it goes out (its target run in it); None when it cannot go: its run
@@ -569,6 +682,8 @@ class Job:
         if self._draining:
             return None
         if run.target is not None:
+            if call.op == "update-run" and not await self._alone(call, source, run.target):
+                return None
             return (
                 call if call.op == "create-run" else resolve(self.settings.target, call, run.target)
             )
@@ -577,6 +692,28 @@ class Job:
             return None
         self._unresolved.append((call, needs))  # its run's creation was held back
         return None
+
+    async def _alone(self, call: Call, source: str, run_id: str) -> bool:
+        """Before a plan's update-run on a target without retry tokens: whether its run is
+        the only copy of its source run (another upload of the same plan at the same time
+        may have made one too late to converge); if not, the update-run is recorded
+        failed, naming both."""
+        if self.settings.target.retry_tokens:
+            return True
+        assert self._transport is not None
+
+        async def pace() -> None:
+            with self._idle():
+                await self._gate.acquire()
+
+        async with self._inflight:
+            clash = await other_copy(
+                _Counted(self._transport, self.counters), self._book, source, run_id, pace
+            )
+        if clash is None:
+            return True
+        self._record_failure(call, clash)
+        return False
 
     def _not_created(self, call: Call, needs: str, failure: str) -> None:
         whose = "its parent run" if needs != call.records[0].run_id else "its run"
@@ -614,8 +751,10 @@ class Job:
             if self._draining:
                 return  # not sent: left unfinished
             c.rate = self._gate.rate
-            answer = await self._read_back(call, tries, transport)
-            if answer is None:  # not applied yet: send it
+            checked = await self._read_back(call, tries, transport)
+            answer = checked if isinstance(checked, Answer) else None
+            outgoing = checked if isinstance(checked, Call) else call
+            if answer is None:  # not applied yet: send it (a log-batch: what is missing)
                 plan_run = call.op == "create-run" and call.records[0].source_run
                 async with self._run_lock(call), self._inflight:
                     # journaled once it holds its slot (found by review: journaled before,
@@ -624,12 +763,13 @@ class Job:
                     if not plan_run:  # a create-run's, as its runs/create goes out
                         await self._journal_sent(call, tries)
                     c.in_flight += 1
-                    c.requests += 1
+                    if not plan_run:  # a create-run's are counted one by one (_Counted)
+                        c.requests += 1
                     try:
                         if plan_run:
                             answer = await self._create_run(call, transport, tries)
                         else:
-                            answer = await transport.send(call)
+                            answer = await transport.send(outgoing)
                     finally:
                         c.in_flight -= 1
             if answer.in_doubt:
@@ -712,9 +852,12 @@ class Job:
         parent = (call.records[0].fields or {}).get("parent_source_run_id")
         parent_id = self._book.target_of(str(parent)) if parent else None
 
-        async def pace() -> None:  # each request of it passes the rate gate
-            await self._gate.acquire()
-            self.counters.requests += 1
+        counted = _Counted(transport, self.counters)
+
+        async def pace() -> None:
+            # each request of it passes the rate gate, the first on the attempt's own pass
+            if counted.sent:
+                await self._gate.acquire()
 
         async def sending() -> None:
             # in doubt from when runs/create goes out, not from the attempt's start: the
@@ -723,35 +866,68 @@ class Job:
             await self._journal_sent(call, tries)
 
         return await create_run(
-            transport, self._book, self.settings.target, call, parent_id, pace, sending
+            counted, self._book, self.settings.target, call, parent_id, pace, sending
         )
 
-    async def _read_back(self, call: Call, tries: _Tries, transport: Transport) -> Answer | None:
+    async def _read_back(
+        self, call: Call, tries: _Tries, transport: Transport
+    ) -> Answer | Call | None:
         """When the call may already be applied and nothing protects a resend, read its run
-        back: an answer if it is there or cannot be read, None to go on and send it."""
+        back (once no earlier attempt can land): an answer if it is there or cannot be read,
+        None to go on and send it, or for a log-batch partly there the call with only what
+        its run lacks (its points, params, tags)."""
+        if self._may_be_there(call, tries):
+            tries.read_back = True
         if not tries.read_back:
             return None
-        self.counters.read_backs += 1
         if call.op == "create-run":  # looked up by its source tag before it is created
+            self.counters.read_backs += 1
             tries.read_back = tries.maybe_applied = False
             return None
+        if tries.ready_at > time.time():  # an earlier attempt may still land: wait it out
+            with self._idle():
+                await anyio.sleep(tries.ready_at - time.time())
+            if self._draining:
+                return Answer(NO_ANSWER, "Stopping", "not read back: stopping", sent=False)
+        self.counters.read_backs += 1
         async with self._inflight:
-            applied = await transport.is_applied(call)
+            if operation(call.op).confirm == "missing":
+                left = await missing(transport, call)
+                applied = None if left is None else not left
+            else:
+                left, applied = None, await transport.is_applied(call)
         if applied is None:
             return Answer(NO_ANSWER, "ReadBackFailed", "could not read the run back", sent=False)
         if applied:
             return Answer(200, "AlreadyApplied")
         tries.read_back = False  # not there, and no earlier attempt can land any more
         tries.maybe_applied = False
+        if left is not None and _smaller(call, left):
+            return trimmed(call, left)
         return None
+
+    def _may_be_there(self, call: Call, tries: _Tries) -> bool:
+        """Read back first, besides what is in doubt where a resend is not free: a call that
+        repeats an earlier line of the job (on every target: its effect may be there from
+        that line), and a log-batch where an MLflow file store would keep its points twice:
+        in doubt on a target without retry tokens, or of a run an earlier upload made."""
+        if self._replays.repeats(call):
+            return True
+        if operation(call.op).confirm != "missing":
+            return False
+        if tries.maybe_applied and self._reads_back:
+            return True
+        found = call.ticket >= 0 and self._book.was_found(call.records[0].run_id)
+        return found and tries.attempts == 1
 
     async def _confirm(
         self, call: Call, tries: _Tries, transport: Transport, last: Answer
     ) -> Answer:
         """Out of attempts and maybe applied, and the last attempt can no longer land: read
-        back. Applied: a success; not there: the last answer, as a plain failure."""
+        back. Applied: a success; not there (or a log-batch not all there): the last answer,
+        as a plain failure."""
         answer = await self._read_back(call, tries, transport)
-        if answer is None:  # confirmed not applied: read_back and maybe_applied now False
+        if not isinstance(answer, Answer):  # confirmed not (all) applied: flags now False
             return last
         return answer
 
@@ -912,6 +1088,12 @@ class Job:
             for record in call.records
         ]
         for record, error in zip(call.records, errors, strict=True):
+            if not record.source_run:
+                pass
+            elif self._copies.is_declaration(record):
+                self._copies.failed(record.run_id)  # its own line goes in
+            else:
+                self._copy_create_run(record.run_id)
             self._dead.add(record.raw, error)
         self._journal.finish([r.seq for r in call.records], answer.status, answer.request_id)
         self.counters.failed += len(call.records)
@@ -1019,6 +1201,30 @@ class Job:
             await anyio.sleep(0.25)
 
 
+class _Counted:
+    """The requests of one create-run attempt (experiment, lookup, creation), each counted
+    once in the report as it goes out (found by review: the attempt was counted as well as
+    each request after the first, one too many when the experiment was known)."""
+
+    def __init__(self, transport: Transport, counters: Counters) -> None:
+        self._transport = transport
+        self._counters = counters
+        self.sent = 0
+
+    async def request(
+        self,
+        rel: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, str] | None = None,
+        token: str = "",
+        large: bool = False,
+    ) -> tuple[Answer, Any]:
+        self.sent += 1
+        self._counters.requests += 1
+        return await self._transport.request(rel, body, query=query, token=token, large=large)
+
+
 def calls_to_send(target: Target, call: Call, point: ResumePoint) -> list[Call]:
     """The calls a run sends for ``call``, formed as the first run formed it, given what
     ``point`` says is done: none if it finished, one per unfinished record if it was split
@@ -1038,6 +1244,15 @@ def calls_to_send(target: Target, call: Call, point: ResumePoint) -> list[Call]:
         return []
     # only after a merged call was split on a 400: its records went one by one
     return [single for single in split(target, call) if single.records[0].seq not in point.done]
+
+
+def _smaller(call: Call, left: Mapping[str, Any]) -> bool:
+    """Whether ``left`` (batchlog.replay.missing) lacks part of the log-batch ``call``."""
+    body = orjson.loads(call.body)
+    return any(len(left.get(k) or []) != len(body.get(k) or []) for k in _BATCH_LISTS)
+
+
+_BATCH_LISTS = ("params", "metrics", "tags")
 
 
 def _write_both(dead: DeadLetter, dead_data: bytes, journal: Journal, journal_data: bytes) -> None:

@@ -6,6 +6,14 @@ A run is looked up before it is created: every run batchlog creates carries the 
 sync, a lost checkpoint) finds the runs it made and creates no second copy. The calls of
 one run wait for its creation; an update-run (status, end time) waits for every call of
 its run before it; other runs go on concurrently.
+
+The lookup covers every active experiment of the target (source run ids are unique), so a
+source experiment renamed between two syncs copies nothing again: the run is kept where it
+is, and a renamed run gets its new name. On a target without retry tokens (open-source
+MLflow) two uploads of one plan at the same time may both create a run: after runs/create
+the tag is searched again, and every party keeps the copy with the smallest run id (the
+others delete theirs, before any data went to them); a copy created too late for that is
+found again before the run's update-run, which then fails naming both copies.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,13 +41,38 @@ USER_TAG = "mlflow.user"
 DEPENDENCY_FAILED = 424  # the status a call gets when the run it needs was not created
 EXISTS = "RESOURCE_ALREADY_EXISTS"
 ALREADY_THERE = "AlreadyThere"  # the code of a create-run that found its run
+# experiment ids per runs/search: MLflow 3.17 sets no limit for runs (20 for datasets), but
+# its SQL store binds one variable per id (sqlite: 32,766 at most, 999 on old builds), and
+# AI Data Platform documents none: kept well below any of them
+SEARCH_IDS = 100
+EXPERIMENTS_PAGE = 1000  # experiments/search page (servers support at least 1,000)
+MAX_PAGES = 10_000  # pages of experiments read at most (a token that never ends)
+COPIES = 10  # copies of a run read at most by one search (two are already too many)
+# seconds from journaling a create-run as sent to its runs/create: beyond it (a slow
+# lookup) it is journaled again, so a resume waits until runs/create can no longer land
+LATE = 0.1
+# seconds waited after runs/create before the tag is searched again (no retry tokens):
+# three times the run's own lookup-to-creation time, within these bounds, so that another
+# upload that looked the run up before this one made it has made its own copy by then (on
+# one server, its requests take about as long); a copy made later than that is found
+# again before the run's update-run
+SETTLE_MIN, SETTLE_MAX = 0.05, 2.0
+CONCURRENT = "ConcurrentUpload"  # the code of an update-run whose run has another copy
+
+log = logging.getLogger("batchlog")
 
 
 class Requests(Protocol):
     """What the migration needs of batchlog.transport.Transport."""
 
     async def request(
-        self, rel: str, body: Any = None, *, query: Mapping[str, str] | None = None, token: str = ""
+        self,
+        rel: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, str] | None = None,
+        token: str = "",
+        large: bool = False,
     ) -> tuple[Answer, Any]: ...
 
 
@@ -72,6 +107,10 @@ class RunBook:
         self._runs: dict[str, _Run] = {}  # made on the event loop, as they are needed
         self._experiments: dict[str, str] = {}  # name -> target experiment id
         self._experiment_locks: dict[str, anyio.Lock] = {}
+        self._listed: dict[str, str] | None = None  # active experiment id -> name, once a job
+        self._listing = anyio.Lock()
+        self._told: set[str] = set()  # experiments a run was found in, told once
+        self._made: set[str] = set()  # experiment ids this job's experiments/create made
 
     # ---- the producer ----------------------------------------------------------------------
 
@@ -172,6 +211,43 @@ class RunBook:
 
     # ---- experiments -------------------------------------------------------------------------
 
+    async def experiment_ids(self, requests: Requests, pace: Pace) -> tuple[Answer, list[str]]:
+        """The ids of the target's active experiments (listed once per job, all pages; the
+        experiments this job found or made since are added): where a run is looked up."""
+        async with self._listing:
+            if self._listed is None:
+                answer, listed = await _list_experiments(requests, pace)
+                if listed is None:
+                    return answer, []
+                self._listed = listed
+                for name, eid in self._experiments.items():
+                    listed.setdefault(eid, name)
+        return Answer(200), list(self._listed)
+
+    def known_ids(self) -> list[str]:
+        """The experiment ids known so far (no request): the listing and those found since."""
+        ids = dict.fromkeys(self._listed or ())
+        ids.update(dict.fromkeys(self._experiments.values()))
+        return list(ids)
+
+    def tell_elsewhere(self, source: str, experiment_id: str, planned: str) -> None:
+        """A run found in another experiment than the plan names: said once per experiment."""
+        name = (self._listed or {}).get(experiment_id, experiment_id)
+        if experiment_id in self._told or name == planned:
+            return
+        self._told.add(experiment_id)
+        log.warning(
+            "run %s found in experiment %r, the plan names %r (renamed?): its runs are kept "
+            "where they are",
+            source,
+            name,
+            planned,
+        )
+
+    def made(self, experiment_id: str) -> bool:
+        """Whether this job created the experiment: only its own runs can be in it."""
+        return experiment_id in self._made
+
     async def experiment(
         self, requests: Requests, name: str, scope: str, pace: Pace
     ) -> tuple[Answer, str | None]:
@@ -198,8 +274,12 @@ class RunBook:
                     answer, found = await _find_experiment(requests, name)
                 elif 200 <= answer.status < 300 and not isinstance(found, str):
                     return _not_the_api(answer, "experiments/create gave no experiment_id"), None
+                elif 200 <= answer.status < 300:
+                    self._made.add(str(found))
             if found is not None:
                 self._experiments[name] = found
+                if self._listed is not None:
+                    self._listed.setdefault(found, name)
             return answer, found
 
 
@@ -225,36 +305,101 @@ async def _find_experiment(requests: Requests, name: str) -> tuple[Answer, str |
     return answer, found
 
 
-async def find_run(
-    requests: Requests, experiment_id: str, source: str
-) -> tuple[Answer, str | None]:
-    """The target run carrying ``batchlog.source_run_id = source`` in the experiment, if
-    any. Two such runs are a failure naming both: never pick one."""
+async def _list_experiments(requests: Requests, pace: Pace) -> tuple[Answer, dict[str, str] | None]:
+    """Every active experiment of the target, id -> name (experiments/search, all pages)."""
+    body: dict[str, Any] = {"max_results": EXPERIMENTS_PAGE, "view_type": "ACTIVE_ONLY"}
+    listed: dict[str, str] = {}
+    tokens: set[str] = set()
+    answer = Answer(200)
+    for _ in range(MAX_PAGES):
+        await pace()
+        answer, doc = await requests.request("experiments/search", body, large=True)
+        if not 200 <= answer.status < 300:
+            return answer, None
+        experiments = doc.get("experiments", []) if isinstance(doc, dict) else None
+        if not isinstance(experiments, list):
+            return _not_the_api(answer, "experiments/search gave no list of experiments"), None
+        for experiment in experiments:
+            eid = experiment.get("experiment_id") if isinstance(experiment, dict) else None
+            if not isinstance(eid, str) or not eid or not isinstance(experiment, dict):
+                return _not_the_api(answer, "experiments/search gave no experiment_id"), None
+            if experiment.get("lifecycle_stage", "active") == "active":
+                listed[eid] = str(experiment.get("name", ""))
+        token = doc.get("next_page_token") if isinstance(doc, dict) else None
+        if not token:
+            return answer, listed
+        if not isinstance(token, str) or token in tokens:
+            return _not_the_api(answer, "experiments/search repeated a page token"), None
+        tokens.add(token)
+        body = {**body, "page_token": token}
+    return _not_the_api(answer, f"experiments/search: more than {MAX_PAGES:,} pages"), None
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A target run carrying a source run's tag."""
+
+    run_id: str
+    experiment_id: str
+    run_name: str | None
+
+
+async def find_copies(
+    requests: Requests, experiment_ids: list[str], source: str, pace: Pace
+) -> tuple[Answer, list[Copy]]:
+    """The active target runs carrying ``batchlog.source_run_id = source`` in any of the
+    experiments (a few at most: more than one is already a problem), by smallest run id."""
     quoted = source.replace("\\", "\\\\").replace("'", "\\'")
-    body = {
-        "experiment_ids": [experiment_id],
-        "filter": f"tags.`{SOURCE_TAG}` = '{quoted}'",
-        "max_results": 2,
-        "run_view_type": "ACTIVE_ONLY",
-    }
-    answer, doc = await requests.request("runs/search", body)
+    found: dict[str, Copy] = {}
+    answer = Answer(200)
+    for i in range(0, len(experiment_ids), SEARCH_IDS):
+        body = {
+            "experiment_ids": experiment_ids[i : i + SEARCH_IDS],
+            "filter": f"tags.`{SOURCE_TAG}` = '{quoted}'",
+            "max_results": COPIES,
+            "run_view_type": "ACTIVE_ONLY",
+        }
+        await pace()
+        answer, doc = await requests.request("runs/search", body, large=True)
+        if not 200 <= answer.status < 300:
+            return answer, []
+        runs = doc.get("runs", []) if isinstance(doc, dict) else None
+        if not isinstance(runs, list):
+            return _not_the_api(answer, "runs/search gave no list of runs"), []
+        for run in runs:
+            run_id = _run_id(run)
+            if run_id is None:
+                return _not_the_api(answer, "runs/search gave a run without a run_id"), []
+            info = run["info"]
+            name = info.get("run_name")
+            found[run_id] = Copy(
+                run_id, str(info.get("experiment_id", "")), name if isinstance(name, str) else None
+            )
+    return answer, [found[k] for k in sorted(found)]
+
+
+async def find_run(
+    requests: Requests, experiment_ids: list[str], source: str, pace: Pace
+) -> tuple[Answer, Copy | None]:
+    """The one target run of ``source`` in the experiments, if any. Two such runs are
+    looked for again after a moment (another upload of the plan at the same time deletes
+    its own copy), and then are a failure naming both: never pick one."""
+    answer, found = await find_copies(requests, experiment_ids, source, pace)
+    if len(found) > 1:
+        await anyio.sleep(SETTLE_MAX)  # another upload at the same time deletes its copy
+        answer, found = await find_copies(requests, experiment_ids, source, pace)
     if not 200 <= answer.status < 300:
         return answer, None
-    runs = doc.get("runs", []) if isinstance(doc, dict) else None
-    if not isinstance(runs, list):
-        return _not_the_api(answer, "runs/search gave no list of runs"), None
-    ids = [_run_id(run) for run in runs]
-    if any(run_id is None for run_id in ids):
-        return _not_the_api(answer, "runs/search gave a run without a run_id"), None
-    if len(ids) > 1:
+    if len(found) > 1:
         return Answer(
             409,
             "DuplicateRuns",
-            f"two runs on the target carry {SOURCE_TAG} = {source}: {ids[0]} and {ids[1]} "
-            "(made by another tool, or copied by hand?): delete one, then run again",
+            f"two runs on the target carry {SOURCE_TAG} = {source}: {found[0].run_id} and "
+            f"{found[1].run_id} (made by another tool, or copied by hand?): delete one, then "
+            "run again",
             answer.request_id,
         ), None
-    return answer, ids[0] if ids else None
+    return answer, found[0] if found else None
 
 
 async def create_run(
@@ -266,25 +411,39 @@ async def create_run(
     pace: Pace,
     sending: Pace,
 ) -> Answer:
-    """One attempt at a create-run: the experiment found or created, the run looked up by
-    its source tag, and created only if it is not there. The answer names the target run
-    (``run_id``) on success. ``parent``: the target id of its parent run, if it has one;
-    ``sending`` is awaited just before runs/create goes out (from then on it may land)."""
+    """One attempt at a create-run: the run looked up by its source tag in every active
+    experiment, else the experiment found or created and the run created in it; without
+    retry tokens, then converged with a copy another upload made at the same time. The
+    answer names the target run (``run_id``) on success. ``parent``: the target id of its
+    parent run, if it has one; ``sending`` is awaited before runs/create goes out (from
+    then on it may land). An answer before runs/create went out is not in doubt."""
     fields = call.records[0].fields or {}
-    source = call.run_id
-    answer, experiment_id = await book.experiment(
-        requests, str(fields["experiment"]), target.token_scope, pace
-    )
-    if experiment_id is None:
-        return answer
-    await pace()
-    answer, found = await find_run(requests, experiment_id, source)
-    if found is not None:
-        return dataclasses.replace(answer, code=ALREADY_THERE, run_id=found)
-    if not 200 <= answer.status < 300:
-        return answer
-    await pace()
+    source, name = call.run_id, str(fields["experiment"])
+    answer, ids = await book.experiment_ids(requests, pace)
+    if not ids and not 200 <= answer.status < 300:
+        return _unsent(answer)
+    # journaled before the lookup, not after it (found by test: the journal's flush between
+    # the two let another upload look up, create and search again unseen)
+    journaled = time.monotonic()
     await sending()
+    looked = time.monotonic()
+    answer, found = await find_run(requests, ids, source, pace)
+    experiment_id = ""
+    if found is None and 200 <= answer.status < 300:
+        answer, made_or_found = await book.experiment(requests, name, target.token_scope, pace)
+        if made_or_found is None:
+            return _unsent(answer)
+        experiment_id = made_or_found
+        if experiment_id not in ids and not book.made(experiment_id):
+            # found, yet not listed: made since the listing by another upload of the plan
+            answer, found = await find_run(requests, [experiment_id], source, pace)
+    if found is not None:
+        return await _adopt(requests, book, target, fields, source, found, pace)
+    if not 200 <= answer.status < 300:
+        return _unsent(answer)
+    if time.monotonic() - journaled > LATE:  # in doubt from when runs/create goes out
+        await sending()
+    await pace()
     answer, doc = await requests.request(
         "runs/create", create_body(target, fields, source, experiment_id, parent), token=call.token
     )
@@ -294,7 +453,79 @@ async def create_run(
     run_id = _run_id(run)
     if run_id is None:
         return _not_the_api(answer, "runs/create gave no run_id")
-    return dataclasses.replace(answer, run_id=run_id)
+    made = dataclasses.replace(answer, run_id=run_id)
+    if target.retry_tokens:  # another upload's runs/create with the same token: this run
+        return made
+    settle = min(SETTLE_MAX, max(SETTLE_MIN, 3 * (time.monotonic() - looked)))
+    await anyio.sleep(settle)
+    checked, copies = await find_copies(requests, [*ids, experiment_id], source, pace)
+    if not 200 <= checked.status < 300:
+        return made  # cannot tell now: looked for again before the run's update-run
+    winner = min([run_id, *(c.run_id for c in copies)])
+    if winner == run_id:
+        return made
+    # another upload made one too: every party keeps the smallest id, and this run has no
+    # data yet (its calls wait for this create-run)
+    await pace()
+    deleted, _ = await requests.request("runs/delete", {"run_id": run_id})
+    if not 200 <= deleted.status < 300:
+        return made  # both stay: found again before the run's update-run
+    log.info(
+        "run %s: another upload made it at the same time: %s kept, %s deleted",
+        source,
+        winner,
+        run_id,
+    )
+    return dataclasses.replace(answer, code=ALREADY_THERE, run_id=winner)
+
+
+async def _adopt(
+    requests: Requests,
+    book: RunBook,
+    target: Target,
+    fields: Mapping[str, Any],
+    source: str,
+    found: Copy,
+    pace: Pace,
+) -> Answer:
+    """The run is on the target already: kept where it is (told once per experiment when
+    that is not the plan's), renamed if the plan names it otherwise."""
+    book.tell_elsewhere(source, found.experiment_id, str(fields["experiment"]))
+    wanted = fields.get("run_name")
+    answer = Answer(200)
+    if wanted and found.run_name is not None and found.run_name != wanted:
+        await pace()
+        body = {"run_id": found.run_id, "run_name": str(wanted)}
+        token = _token(target.token_scope, "rename-run", orjson.dumps(body))
+        answer, _ = await requests.request("runs/update", body, token=token)
+        if not 200 <= answer.status < 300:
+            return _unsent(answer)  # the rename only: found and renamed again on a retry
+    return dataclasses.replace(answer, code=ALREADY_THERE, run_id=found.run_id)
+
+
+async def other_copy(
+    requests: Requests, book: RunBook, source: str, run_id: str, pace: Pace
+) -> Answer | None:
+    """Before a run's update-run on a target without retry tokens: a failure naming both
+    copies if another active run carries its source tag (another upload of the same plan
+    created it too late to converge at creation), else None (also when it cannot tell)."""
+    answer, copies = await find_copies(requests, book.known_ids(), source, pace)
+    others = [c.run_id for c in copies if c.run_id != run_id]
+    if not 200 <= answer.status < 300 or not others:
+        return None
+    return Answer(
+        409,
+        CONCURRENT,
+        f"source run {source} has two copies on the target, {run_id} and {others[0]}: "
+        "another upload of the same plan ran at the same time; delete one of them (runs/"
+        "delete), then upload again",
+        answer.request_id,
+    )
+
+
+def _unsent(answer: Answer) -> Answer:
+    """An answer of a create-run attempt whose runs/create never went out: not in doubt."""
+    return dataclasses.replace(answer, sent=False)
 
 
 def create_body(

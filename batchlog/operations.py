@@ -15,9 +15,11 @@ from batchlog.records import Op
 
 # how a call that may have been applied is confirmed, on a target without retry tokens (or
 # once its token expired): "models" / "datasets": read its run back and look for them;
-# "resend": a replay changes nothing, send it again; "lookup": a create-run finds its run
-# by its source tag before it creates one (batchlog.migrate)
-Confirm = Literal["models", "datasets", "resend", "lookup"]
+# "missing": read its run back and send only what it lacks (batchlog.replay: a log-batch,
+# whose replay an MLflow file store applies again); "resend": a replay changes nothing,
+# send it again; "lookup": a create-run finds its run by its source tag before it creates
+# one (batchlog.migrate)
+Confirm = Literal["models", "datasets", "missing", "resend", "lookup"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +40,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("log-model", "runs/log-model", False, False, "models"),
         # every runs/create makes a new run
         Operation("create-run", "runs/create", False, False, "lookup"),
-        # a param set again to its value, an identical metric point, a tag: kept once
-        Operation("log-batch", "runs/log-batch", False, True, "resend"),
+        # a param set again to its value, a tag: kept once; an identical metric point kept
+        # once by MLflow's SQL store and AI Data Platform, but appended again by an MLflow
+        # file store: read back (not locked per run) where it may be a replay (batchlog.job)
+        Operation("log-batch", "runs/log-batch", False, True, "missing"),
         Operation("update-run", "runs/update", False, True, "resend"),
     )
 }

@@ -30,6 +30,15 @@ UNIQUE_CONFLICT = "UniqueConflict"
 # code of an answer whose status is no final HTTP status (below 200, above 599): something
 # came back, garbled; the request may have been applied, as with no answer at all
 BAD_STATUS = "BadStatus"
+# code of an answer saying the server's database was busy, not that the request is wrong:
+# SQLAlchemy's pool exhausted behind MLflow ("QueuePool limit of size N overflow M reached,
+# connection timed out"), which MLflow answers 400 under load. Transient (retried with the
+# back-off) and in doubt (the request may have been applied before the pool ran out, as a
+# late write of the same request can be): a call that is not replay-safe is read back
+DATABASE_BUSY = "DatabaseBusy"
+# codes whose answer may have been applied although it is no success: retried, and read
+# back first where a replay is not safe
+IN_DOUBT_CODES = frozenset({UNIQUE_CONFLICT, BAD_STATUS, DATABASE_BUSY})
 # the longest a server's Retry-After is honoured, for one call and for the shared pacer
 # alike: a proxy's "Retry-After: 100000" must not hold a job for a day (README)
 MAX_RETRY_AFTER = 300.0
@@ -56,7 +65,7 @@ class Answer:
             return False
         if self.code == NOT_THE_API:  # the API never saw it
             return False
-        if self.code in (UNIQUE_CONFLICT, BAD_STATUS):
+        if self.code in IN_DOUBT_CODES:
             return True
         return self.status == NO_ANSWER or self.status >= 500
 
@@ -76,8 +85,8 @@ class RetryPolicy:
             return "ok"
         if 300 <= status < 400:
             return "redirect"  # a proxy or login page: never followed, never a success
-        if answer.code in (UNIQUE_CONFLICT, BAD_STATUS):
-            return "retry"  # a transient conflict, a garbled answer: read back, resend
+        if answer.code in IN_DOUBT_CODES:
+            return "retry"  # a transient conflict, a busy database, a garbled answer
         if status == NO_ANSWER or status == 429 or (status >= 500 and status != 501):
             return "retry"
         if status == 409 and answer.code in TRANSIENT_CONFLICTS:

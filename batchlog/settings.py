@@ -11,9 +11,11 @@ from batchlog.errors import ConfigurationError
 from batchlog.manifest import STDIN
 from batchlog.plan import GroupLimits
 from batchlog.retry import RetryPolicy
-from batchlog.signing import KeySource
 from batchlog.target import OciTarget, Target
-from batchlog.transport import tls_context
+
+TYPE_CHECKING = False  # not typing's: no module to import for it
+if TYPE_CHECKING:
+    from batchlog.signing import KeySource  # cryptography: for the commands that sign
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,10 @@ class Settings:
         for name, value, bounds in numbers:
             if value not in bounds:
                 raise ConfigurationError(f"{name} {_glimpse(value)}: expected {bounds}")
-        tls_context(self.ca_bundle, self.verify_tls)  # a CA file that is none: refused now
+        if self.ca_bundle or not self.verify_tls:  # else nothing to check: aiohttp unloaded
+            from batchlog.transport import tls_context
+
+            tls_context(self.ca_bundle, self.verify_tls)  # a CA file that is none: refused now
         if self.user_principal and any(ord(c) < 32 or ord(c) == 127 for c in self.user_principal):
             raise ConfigurationError("--user-principal holds line breaks or control characters")
 

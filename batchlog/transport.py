@@ -42,6 +42,7 @@ from batchlog.records import OPS
 from batchlog.retry import (
     BAD_STATUS,
     CANNOT_CONNECT,
+    DATABASE_BUSY,
     NO_ANSWER,
     NOT_THE_API,
     REDIRECT,
@@ -78,14 +79,35 @@ _UNIQUE_VIOLATION = re.compile(
     r"|Duplicate entry|Cannot insert duplicate key"
 )
 _UNIQUE_STATUSES = frozenset({400, 409, 500})
+# the database's connection pool ran out behind the server (SQLAlchemy, as MLflow's SQL
+# stores use it): answered 400 (or 500) under load, although nothing is wrong with the
+# request; retry.DATABASE_BUSY says what is done with it
+_POOL_EXHAUSTED = re.compile(r"QueuePool limit")
+
+
+_THREADS_ENV = "BATCHLOG_SIGNING_THREADS"  # 1 to 64: how signing scales (benchmarks)
 
 
 def signing_threads() -> int:
+    """Threads that sign: one per core this process may run on (8 at most), or the number
+    in BATCHLOG_SIGNING_THREADS (a bad value is warned about and the default kept)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    default = max(1, min(cores, 8))
+    raw = os.environ.get(_THREADS_ENV, "").strip()
+    if not raw:
+        return default
+    if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 64:
+        return int(raw)
+    log.warning(
+        "%s=%s is not a number of threads from 1 to 64: signing on %d",
+        _THREADS_ENV,
+        ascii(raw[:20]),  # ascii(): no control character reaches the log line
+        default,
+    )
+    return default
 
 
 class RequestIds:
@@ -462,8 +484,10 @@ class Transport:
         (name, digest) of its datasets among the run's dataset inputs. None when the run
         cannot be read now (or its model history cannot be parsed)."""
         confirm = operation(call.op).confirm
-        if confirm in ("resend", "lookup"):
-            return False  # sent again as it was: a replay changes nothing (README)
+        if confirm in ("resend", "lookup", "missing"):
+            # sent again as it was: a replay changes nothing (README); a log-batch's
+            # missing part is read by batchlog.replay.missing
+            return False
         run = await self.get_run(call.run_id)
         if run is None:
             return None
@@ -549,6 +573,10 @@ def _answer(
         conflict = _unique_conflict(code, message, payload)
         if conflict is not None:
             return Answer(status, UNIQUE_CONFLICT, conflict, rid, retry_after=retry_after)
+    if status >= 400 and status not in (401, 403) and _pool_exhausted(message, payload):
+        # transient and in doubt, whatever the status says (the one rule: retry.py)
+        said = _one_line(redact(message, long_runs=False)) or "QueuePool limit reached"
+        return Answer(status, DATABASE_BUSY, said, rid, retry_after=retry_after)
     # a body without them (a proxy's page, nothing): the status names it, as OCI's codes do
     phrase = _phrase(status)
     code = code or "".join(phrase.replace("-", " ").split())
@@ -616,6 +644,14 @@ def _unique_conflict(code: str, message: str, payload: bytes) -> str | None:
     start = max(0, found.start() - 60)
     excerpt = ("…" if start else "") + text[start : start + _MAX_MESSAGE * 4]
     return _one_line((f"{code}: " if code else "") + excerpt)
+
+
+def _pool_exhausted(message: str, payload: bytes) -> bool:
+    """Whether an error answer says the server's database pool ran out (its message, or
+    elsewhere in its body: a stack trace field)."""
+    if _POOL_EXHAUSTED.search(message):
+        return True
+    return _POOL_EXHAUSTED.search(payload.decode("utf-8", errors="replace")) is not None
 
 
 def _connect_problem(exc: aiohttp.ClientConnectorError) -> str:

@@ -20,7 +20,6 @@ from typing import Any
 
 from batchlog.migrate import SOURCE_TAG, USER_TAG
 from batchlog.records import Record
-from batchlog.transport import HISTORY_TAG, model_identity
 
 MAX_DOUBLE = 1.7976931348623157e308  # MLflow's SQL store keeps +/-Infinity as +/-this
 
@@ -164,11 +163,13 @@ def compare_metric(
     missing = [p for p in planned if p not in got]
     if missing:
         first = missing[0]
+        low, high = min(p[0] for p in missing), max(p[0] for p in missing)
+        steps = f"step {low}" if low == high else f"steps {low}-{high}"
         out.append(
             (
                 planned[first],
-                f"metric {key!r}: {_count(len(missing), 'point')} of the plan not on the "
-                f"target (the first: {_point(first)})",
+                f"metric {key!r}: {len(missing):,} of {_count(len(planned), 'point')} of the "
+                f"plan not on the target ({steps}; the first: {_point(first)})",
             )
         )
     twice = [p for p, n in got.items() if n > 1 and p in planned]
@@ -190,6 +191,12 @@ def compare_metric(
             )
         )
     return out
+
+
+def metric_lines(planned: Mapping[Point, int], got: Counter[Point]) -> set[int]:
+    """The plan lines (seqs) with a point of this metric not on the target exactly once:
+    each is missing or different, though compare_metric lists the metric once."""
+    return {seq for p, seq in planned.items() if got.get(p, 0) != 1}
 
 
 def _datasets(plan: PlanRun, run: dict[str, Any], whole: bool) -> list[Difference]:
@@ -216,6 +223,10 @@ def _datasets(plan: PlanRun, run: dict[str, Any], whole: bool) -> list[Differenc
 
 
 def _models(plan: PlanRun, run: dict[str, Any], target_id: str, whole: bool) -> list[Difference]:
+    # imported here: the job (batchlog.replay) uses this module, and a dry run the job's
+    # helpers, which must not load aiohttp with the transport
+    from batchlog.transport import HISTORY_TAG, model_identity
+
     out: list[Difference] = []
     logged = _history(run)
     if logged is None:
@@ -244,6 +255,8 @@ def _models(plan: PlanRun, run: dict[str, Any], target_id: str, whole: bool) -> 
 
 def _history(run: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The models of the run's history tag ([] without one; None: it cannot be parsed)."""
+    from batchlog.transport import HISTORY_TAG
+
     value = run_tags(run).get(HISTORY_TAG)
     if value is None:
         return []

@@ -39,6 +39,7 @@ from batchlog.verify_compare import (
     compare_metric,
     compare_run,
     metric_keys,
+    metric_lines,
     run_tags,
     target_point,
 )
@@ -128,11 +129,43 @@ class Reader:
             raise self._unreadable(f"experiment {name!r}", "answered without an experiment_id")
         return found, ""
 
-    async def runs_of(self, experiment_id: str, source: str) -> list[str]:
-        """The ids of the active runs carrying ``batchlog.source_run_id = source``."""
+    async def experiment_ids(self) -> list[str]:
+        """The ids of every active experiment (experiments/search, all pages)."""
+        body: dict[str, Any] = {"max_results": 1000, "view_type": "ACTIVE_ONLY"}
+        what = "the experiments"
+        ids: list[str] = []
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            doc = await self.call(what, "experiments/search", body) or {}
+            experiments = doc.get("experiments", [])
+            if not isinstance(experiments, list):
+                raise self._unreadable(what, "experiments/search gave no list of experiments")
+            for experiment in experiments:
+                eid = experiment.get("experiment_id") if isinstance(experiment, dict) else None
+                if not isinstance(eid, str) or not eid:
+                    raise self._unreadable(what, "experiments/search gave no experiment_id")
+                ids.append(eid)
+            token = self._next(doc, bool(experiments), seen, what)
+            if not token:
+                return ids
+            body = {**body, "page_token": token}
+        raise self._unreadable(what, f"more than {MAX_PAGES:,} pages")
+
+    async def runs_of(self, experiment_id: str | list[str], source: str) -> list[str]:
+        """The ids of the active runs carrying ``batchlog.source_run_id = source`` in the
+        experiment (or experiments: at most 100 per search)."""
+        wanted = [experiment_id] if isinstance(experiment_id, str) else experiment_id
+        ids: list[str] = []
+        for i in range(0, len(wanted), 100):
+            for run_id in await self._runs_in(wanted[i : i + 100], source):
+                if run_id not in ids:
+                    ids.append(run_id)
+        return ids
+
+    async def _runs_in(self, experiment_ids: list[str], source: str) -> list[str]:
         quoted = source.replace("\\", "\\\\").replace("'", "\\'")
         body: dict[str, Any] = {
-            "experiment_ids": [experiment_id],
+            "experiment_ids": experiment_ids,
             "filter": f"tags.`{SOURCE_TAG}` = '{quoted}'",
             "max_results": SEARCH_PAGE,
             "run_view_type": "ACTIVE_ONLY",
@@ -242,6 +275,7 @@ class PlanVerifier:
         self._open: dict[str, PlanRun] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()  # source -> experiment
         self._experiments: dict[str, tuple[str | None, str]] = {}
+        self._all_experiments: list[str] | None = None  # every active one, listed once
         self._parents: OrderedDict[str, str | None] = OrderedDict()  # target -> its source
         self.tally = PlanTally()
         self.problem: TargetUnreadable | None = None
@@ -322,10 +356,12 @@ class PlanVerifier:
         if whole:
             diffs += await self._parent(plan, run)
         latest = metric_keys(run)
+        charged: set[int] = set()  # lines with points not on the target, listed once per key
         for key, planned in plan.metrics.items():
             got = await self._reader.history(target, key) if key in latest else Counter()
             diffs += compare_metric(key, planned, got, whole, plan.seq)
-        self._report(plan, target, diffs)
+            charged |= metric_lines(planned, got)
+        self._report(plan, target, diffs, charged)
         if whole:
             if diffs:
                 self.tally.different += 1
@@ -341,6 +377,10 @@ class PlanVerifier:
             self._experiments[name] = await self._reader.experiment_id(name)
         experiment_id, why = self._experiments[name]
         ids = await self._reader.runs_of(experiment_id, plan.source) if experiment_id else []
+        if not ids:  # source run ids are unique: a run kept in an experiment renamed since
+            if self._all_experiments is None:
+                self._all_experiments = await self._reader.experiment_ids()
+            ids = await self._reader.runs_of(self._all_experiments, plan.source)
         if len(ids) == 1:
             return ids[0]
         if not ids:
@@ -378,10 +418,18 @@ class PlanVerifier:
         said = "is not on the target" if source is None else f"is the copy of {source}"
         return [(plan.seq, f"parent: {PARENT_TAG} is {got}, which {said}, not of {want}")]
 
-    def _report(self, plan: PlanRun, target: str | None, diffs: list[Difference]) -> None:
-        """The run's first SHOWN differences, in plan order, then how many more."""
+    def _report(
+        self,
+        plan: PlanRun,
+        target: str | None,
+        diffs: list[Difference],
+        charged: set[int] | None = None,
+    ) -> None:
+        """The run's first SHOWN differences, in plan order, then how many more. Every line
+        with a difference counts as missing or different: those ``diffs`` name and those
+        ``charged`` (a metric's points spread over many lines, listed once)."""
         records = len(plan.lines)
-        wrong = len({seq for seq, _ in diffs} & plan.lines.keys())
+        wrong = len(({seq for seq, _ in diffs} | (charged or set())) & plan.lines.keys())
         if target is None:  # missing or copied: none of its lines is on the target
             wrong = records
         self.tally.complete += records - wrong

@@ -443,6 +443,9 @@ def test_lines_out_of_order_are_rejected_by_line_and_field_and_the_good_ones_go(
     assert f"{manifest}:18: source_run_id: no create-run for this run earlier" in err
     assert f"{manifest}:20: run_name: 251 characters, at most 250" in err
     dead = dead_letter(tmp_path / "plan.dead-letter.jsonl")
+    copies = [d["_error"]["source"] for d in dead if d["_error"]["status"] == "context"]
+    assert copies == [f"{manifest}:12"]  # srcQ's create-run, before its second one
+    dead = [d for d in dead if d["_error"]["status"] != "context"]
     assert sorted(d["_error"]["source"] for d in dead) == sorted(
         f"{manifest}:{n}" for n in (1, 16, 17, 18, 20)
     )

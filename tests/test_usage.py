@@ -379,7 +379,7 @@ def test_verbose_before_the_command_shows_an_internal_error_s_traceback(
     def planted(*args: object, **kwargs: object) -> None:
         raise RuntimeError("planted bug")
 
-    monkeypatch.setattr("batchlog.cli.plan_upload", planted)
+    monkeypatch.setattr("batchlog.check.plan_upload", planted)  # cli imports it when run
     manifest = str(write_manifest(tmp_path / "m.jsonl", mixed_records(4)))
     for argv in (["-v", "upload", manifest, "--dry-run"], ["upload", manifest, "--dry-run", "-v"]):
         assert main(argv) == 3

@@ -160,6 +160,39 @@ def test_more_than_ten_differences_of_a_run_are_counted_not_listed(
     assert found[-1].endswith(": and 90 more differences"), found
 
 
+def loss_lines(source: str, lines: int, per_line: int) -> list[dict[str, Any]]:
+    """``lines`` log-batch lines of ``per_line`` points of metric loss each, steps 0 up."""
+    return [
+        batch(source, metrics=[point("loss", s / 7, T0 + s, s) for s in range(n, n + per_line)])
+        for n in range(0, lines * per_line, per_line)
+    ]
+
+
+def test_points_missing_over_many_lines_count_every_line_and_list_one_difference(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Issue 11 finding 7: 900 points missing over 9 log-batch lines are 9 lines missing or
+    different in the summary (not 1), and one line of the listing for the metric."""
+    emu = emulator()
+    lines = loss_lines("srcS", 10, 100)
+    head, tail = create("srcS", "exp-a", run_name="s"), update("srcS")
+    sent = write_manifest(tmp_path / "sent.jsonl", [head, lines[-1], tail])
+    assert run_cli(upload_args(oci, emu, str(sent))).returncode == 0
+    [run] = by_source(emulator_state(emu))["srcS"]
+    manifest = write_manifest(tmp_path / "plan.jsonl", [head, *lines, tail])
+    out = run_cli(verify_args(oci, emu, manifest))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "12 records: 3 on the server, 9 missing or different" in out.stderr, out.stderr
+    assert "1 runs of a plan: 0 as in the plan, 0 missing, 0 with copies, 1 different" in (
+        out.stderr
+    ), out.stderr
+    assert out_lines(out.stdout) == [
+        f"{manifest}:2: run srcS (target {run['run_id']}): metric 'loss': 900 of 1,000 points "
+        f"of the plan not on the target (steps 0-899; the first: step 0, timestamp {T0}, "
+        "value 0.0)"
+    ]
+
+
 def test_many_nested_runs_verify_a_few_at_a_time(
     tmp_path: Path, oci: Oci, emulator: StartEmulator
 ) -> None:
@@ -326,3 +359,33 @@ def test_verify_source_uri_compares_a_source_server_with_the_target(
     both = run_cli([*args, str(plan)])
     assert both.returncode == 2 and "not both" in both.stderr, both.stderr
     assert "see 'batchlog verify --help'" in both.stderr, both.stderr
+
+
+def test_mlflow_points_missing_over_several_lines_count_each_line(
+    mlflow_seeded: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Issue 11 finding 7 on a real server: a metric the server does not have, over 3
+    log-batch lines of run srcP, makes those 3 lines missing (one listing line)."""
+    uri, seeded = mlflow_seeded
+    _, _, before = mlflow_verify(uri, seeded)  # earlier tests may have altered the server
+    plan = nested_plan()
+    extra = [
+        batch("srcP", metrics=[point("grad", s, T0 + s, s) for s in range(n, n + 50)])
+        for n in (0, 50, 100)
+    ]
+    plan[5:5] = extra  # before srcP's update-run (line 6): lines 6, 7, 8
+    manifest = write_manifest(tmp_path / "plan.jsonl", plan)
+    rc, found, err = mlflow_verify(uri, manifest)
+    assert rc == 1, (found, err)
+
+    def not_complete(summary: str) -> int:
+        said = summary.split(" missing or different")[0].rsplit(" ", 1)[-1]
+        return int(said.replace(",", ""))
+
+    assert not_complete(err) == not_complete(before) + 3, (before, err)
+    grad = [line for line in found if "'grad'" in line]
+    assert len(grad) == 1 and grad[0].startswith(f"{manifest}:6: run srcP "), found
+    assert grad[0].endswith(
+        f"metric 'grad': 150 of 150 points of the plan not on the target (steps 0-149; the "
+        f"first: step 0, timestamp {T0}, value 0.0)"
+    ), grad
