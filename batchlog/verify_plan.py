@@ -29,7 +29,8 @@ from anyio.abc import TaskGroup
 
 from batchlog.errors import SystemicError
 from batchlog.migrate import PARENT_TAG, SOURCE_TAG
-from batchlog.records import Record
+from batchlog.planorder import NO_CREATE_RUN, PlanOrder
+from batchlog.records import Record, Rejection
 from batchlog.retry import RetryPolicy
 from batchlog.transport import Transport
 from batchlog.verify_compare import (
@@ -277,6 +278,7 @@ class PlanVerifier:
         self._experiments: dict[str, tuple[str | None, str]] = {}
         self._all_experiments: list[str] | None = None  # every active one, listed once
         self._parents: OrderedDict[str, str | None] = OrderedDict()  # target -> its source
+        self._order = PlanOrder()
         self.tally = PlanTally()
         self.problem: TargetUnreadable | None = None
 
@@ -287,18 +289,19 @@ class PlanVerifier:
             alone.add(record)
             await self._close(alone)
             return
+        checked = self._order.check(record)  # the upload's order rules, the same words
+        if isinstance(checked, Rejection):
+            self._plan_error(record, checked.reason)
+            return
         source = record.run_id
         run: PlanRun | None = self._open.get(source)
-        if record.op == "create-run":
-            if run is not None or source in self._closed:
-                self._plan_error(record, "a second create-run for this run in the plan")
-                return
+        if record.op == "create-run" and run is None:  # (or one repeating a run's first)
             experiment = str((record.fields or {})["experiment"])
             self._open[source] = run = PlanRun(source, record.seq, experiment=experiment)
-        elif run is None:
+        elif run is None:  # a line after the run's update-run
             closed = self._closed.get(source)
             if closed is None:
-                self._plan_error(record, "no create-run for this run earlier in the plan")
+                self._plan_error(record, NO_CREATE_RUN)
                 return
             # a line after the run's update-run: checked with whatever else comes late
             self._open[source] = run = PlanRun(source, record.seq, experiment=closed)

@@ -196,6 +196,8 @@ def test_mlflow_a_plan_given_twice_logs_every_model_once(tmp_path: Path, sql_uri
     assert_on_mlflow(client, plan)  # the history tag read back: each model once
     checked = verify(tmp_path / "plan.jsonl", sql_uri)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = verify(p2, sql_uri)  # the manifest uploaded: each repeat stands for its first
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_mlflow_a_run_appended_again_after_it_ended_logs_its_models_once(
