@@ -92,7 +92,7 @@ def restore() -> None:
     _guard.previous.clear()
 
 
-def interrupted_by(exc: BaseException) -> str | None:
+def interrupted_by(exc: BaseException, _seen: frozenset[int] = frozenset()) -> str | None:
     """The signal's name if ``exc`` is an interruption (``Interrupted``, a
     ``KeyboardInterrupt``, or a group of exceptions holding one), else None."""
     if isinstance(exc, Interrupted):
@@ -101,7 +101,10 @@ def interrupted_by(exc: BaseException) -> str | None:
         return "SIGINT"
     inner = getattr(exc, "exceptions", None)  # an exception group (no builtin before 3.11)
     for each in inner if isinstance(inner, tuple) else ():
-        name = interrupted_by(each) if isinstance(each, BaseException) else None
+        name = interrupted_by(each, _seen) if isinstance(each, BaseException) else None
         if name is not None:
             return name
-    return None
+    # raised inside an import and wrapped by Python ("Error calling __set_name__"): what
+    # imports only once a job starts can be interrupted there (found by the state machine)
+    cause, seen = exc.__cause__, _seen | {id(exc)}
+    return interrupted_by(cause, seen) if cause is not None and id(cause) not in seen else None

@@ -1001,8 +1001,13 @@ class Job:
     def _succeed(self, call: Call, answer: Answer) -> None:
         assert self._journal is not None
         self._any_success = True
-        self._streak = 0
-        held, self._held = self._held, []
+        # after a stop, what it held stays held for the next run, and its streak as told
+        # (found by CI under load: a call in flight at a systemic stop succeeded after it,
+        # and recorded the 8 calls the stop held as failed)
+        held: list[_HeldCall] = []
+        if self._stop_status is None:
+            self._streak = 0
+            held, self._held = self._held, []
         for h in held:  # not the job's fault after all
             if h.kind in _RESENT_ON_SUCCESS and h.tries.attempts < self.settings.retry.max_attempts:
                 assert self._tg is not None

@@ -399,6 +399,31 @@ def test_a_systemic_stop_says_truly_what_was_held_back_and_what_failed_before(
     assert len(dead.read_bytes().splitlines()) == lost if lost else not dead.exists()
 
 
+def test_a_success_answered_after_a_systemic_stop_does_not_fail_the_held_calls(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by CI under load: a call in flight when 8 calls in a row ran out of attempts
+    succeeded after the stop, and its success recorded the 8 held calls as failed (dead
+    letter, exit 1 on every later run) instead of holding them for the next run."""
+    down = [f"down{i}" for i in range(8)]
+    fault = http_response(500, [], b'{"code": "InternalServerError", "message": "down"}')
+    emu = emulator(
+        known_runs=frozenset(["slow", *down]),
+        canned={run: [fault] for run in down},
+        slow={"slow": 1.5},  # answered well after the 8 others ran out of attempts
+    )
+    records = [inputs_record("slow", "late"), *(inputs_record(r, f"held{r}") for r in down)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    args = [*upload_args(oci, emu, str(manifest)), "--concurrency", "2", "--max-attempts", "1"]
+    out = run_cli(args)
+    assert out.returncode == 3, out.stderr
+    assert "8 records held back by the stop" in out.stderr, out.stderr
+    assert not (tmp_path / "m.dead-letter.jsonl").exists(), out.stderr
+    again = run_cli(args)  # the 500s are over: the held calls are sent by the same command
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(emu, records)
+
+
 def test_a_record_out_of_its_only_attempt_says_1_attempt(
     tmp_path: Path, oci: Oci, emulator: StartEmulator
 ) -> None:

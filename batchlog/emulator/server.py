@@ -108,6 +108,7 @@ class EmulatorConfig:
     redirect_to: str | None = None  # answer every POST with a 302 to this Location
     unauthorized: bool = False  # answer 401 NotAuthenticated to everything while True
     canned: dict[str, list[bytes]] = field(default_factory=dict)
+    slow: dict[str, float] = field(default_factory=dict)  # run id -> seconds added to its POSTs
     # run id -> raw HTTP answers (``http_response``), the next one written as it is to each
     # POST for that run, before anything is applied (then the connection is closed)
     faults_on_get: bool = False  # fail_before, fail_after, reset_after, throttle_once and
@@ -228,6 +229,8 @@ class Emulator:
             st.headers_seen.append(dict(request.headers))
         if cfg.latency:
             await asyncio.sleep(cfg.latency)
+        if cfg.slow:
+            await asyncio.sleep(self._slow(body))
         canned = self._canned(body)
         if canned is not None:
             _write_raw(request, canned)
@@ -426,6 +429,14 @@ class Emulator:
                     "model_json": doc["model_json"],
                 }
             )
+
+    def _slow(self, body: bytes) -> float:
+        """Seconds the run this body names waits for its answer (``slow``)."""
+        try:
+            run_id = orjson.loads(body).get("run_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return 0.0
+        return self.config.slow.get(run_id, 0.0) if isinstance(run_id, str) else 0.0
 
     def _canned(self, body: bytes) -> bytes | None:
         """The next canned answer for the run this body names, if any is left."""
