@@ -96,6 +96,9 @@ Held = Literal["unauthorized", "redirect", "not-found", "cannot-connect", "gave-
 _RESENT_ON_SUCCESS = ("unauthorized", "redirect", "cannot-connect")  # tried again after one
 
 
+_UNLOCKED = contextlib.nullcontext()  # stateless: shared by every call that takes no lock
+
+
 @dataclass
 class _Tries:
     """What one call went through so far, in this run and (from the checkpoint) before."""
@@ -555,7 +558,16 @@ class Job:
 
     async def _work(self, receive: MemoryObjectReceiveStream[Call]) -> None:
         async with receive:
-            async for call in receive:
+            while True:
+                try:  # a call already waiting is taken without a checkpoint (a loop pass)
+                    call = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        call = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
                 if self._draining:
                     return
                 tries = self._tries(call)
@@ -756,7 +768,10 @@ class Job:
             outgoing = checked if isinstance(checked, Call) else call
             if answer is None:  # not applied yet: send it (a log-batch: what is missing)
                 plan_run = call.op == "create-run" and call.records[0].source_run
-                async with self._run_lock(call), self._inflight:
+                # only a call that is not idempotent takes its run's lock (no per-call
+                # context manager for the others)
+                run_lock = self._run_lock(call) if self._not_idempotent(call) else _UNLOCKED
+                async with run_lock, self._inflight:
                     # journaled once it holds its slot (found by review: journaled before,
                     # calls still waiting for one were "sent and never answered" after a
                     # stop, and their in-doubt window ended before they went out)

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextvars
 import errno
+import gc
 import hashlib
 import html
 import itertools
@@ -228,6 +229,33 @@ class RunRead:
     problem: str = ""  # why the server could not be asked (no connection, 401, a page...)
 
 
+class _YoungGc:
+    """While any session is open: what start-up made is frozen (the collector no longer
+    walks it), and young collections come every 10,000 allocations instead of 700. Each
+    request allocates hundreds of short-lived objects, almost all freed by reference
+    counting: a 3,000-request upload spent 59-108 ms collecting with the defaults (~200
+    young collections), 14-16 ms with this (gc.callbacks, start-up included)."""
+
+    YOUNG = 10_000
+    users = 0
+    saved: tuple[int, int, int] = (700, 10, 10)
+
+    @classmethod
+    def enter(cls) -> None:
+        if cls.users == 0:
+            cls.saved = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(max(cls.YOUNG, cls.saved[0]), *cls.saved[1:])
+        cls.users += 1
+
+    @classmethod
+    def exit(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0:
+            gc.set_threshold(*cls.saved)
+            gc.unfreeze()
+
+
 class Transport:
     """One aiohttp session and one signing pool for a job."""
 
@@ -271,17 +299,18 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._signers: SigningPool | None = None
         self._ids = RequestIds()
+        self._gc_entered = False
 
     async def __aenter__(self) -> Transport:
         connector = aiohttp.TCPConnector(
             limit=self._concurrency, ssl=self._ssl, keepalive_timeout=60, enable_cleanup_closed=True
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            skip_auto_headers=("User-Agent",),
-        )
+        # no skip_auto_headers: every request carries our own User-Agent, so aiohttp adds
+        # none, and a skip list costs a sort and two header copies per request
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         self._signers = SigningPool(signing_threads())
+        _YoungGc.enter()
+        self._gc_entered = True
         return self
 
     async def __aexit__(
@@ -291,6 +320,9 @@ class Transport:
             await self._session.close()
         if self._signers is not None:
             self._signers.close()
+        if self._gc_entered:
+            self._gc_entered = False
+            _YoungGc.exit()
 
     async def refresh_credentials(self) -> None:
         """Refresh the key after a 401 to the current task's last request, unless another
@@ -533,6 +565,8 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes,
             break
         chunks.append(chunk)
         size += len(chunk)
+        if resp.content.at_eof():  # the whole body (the usual "{}"): no read for the end
+            break
     if size > limit:  # the byte beyond goes, without copying the rest
         chunks[-1] = chunks[-1][: limit - size]
     return b"".join(chunks), size > limit
@@ -596,6 +630,15 @@ def _one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
     """``text`` as one clean line for logs and the dead letter: runs of white space (line
     breaks included) become one space, other unsafe characters go, and it is cut to
     ``limit`` characters."""
+    if (  # printable ASCII with single inner spaces (a request id, an etag): already clean
+        len(text) <= limit
+        and text.isascii()
+        and text.isprintable()
+        and "  " not in text
+        and text[:1] != " "
+        and text[-1:] != " "
+    ):
+        return text
     text = text[: limit * 4]  # enough to fill the limit after cleaning, in most cases
     kept = "".join(c for c in text if c.isspace() or unicodedata.category(c) not in _UNSAFE)
     line = " ".join(kept.split())
