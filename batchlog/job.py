@@ -485,6 +485,8 @@ class Job:
         if isinstance(checked, Record) and record.op == "create-run":
             self._book.declare(record.run_id, done)
             self._copies.declared(record)
+            if record.seq in self._order.repeats:
+                self._book.given_again(record.run_id)  # before its next lines are formed
         return checked
 
     async def _seek_create_run(self, item: Record | Rejection) -> None:
@@ -632,8 +634,8 @@ class Job:
         source = call.records[0].run_id
         with self._idle():
             run = await self._book.wait_created(source)
-        if run.target is not None:
-            self._succeed(call, Answer(200, "Repeat", sent=False))  # the run, as it was
+        if run.target is not None:  # the run as it was, journaled as found: a resume reads back
+            self._succeed(call, Answer(200, ALREADY_THERE, run_id=run.target, sent=False))
         elif run.failure is not None:
             self._not_created(call, source, run.failure)
         elif not self._draining:

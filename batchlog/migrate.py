@@ -156,6 +156,14 @@ class RunBook:
         all have been applied by an earlier upload (a lost checkpoint, a nightly sync)."""
         return self._run(source).found
 
+    def given_again(self, source: str) -> None:
+        """The run's create-run came again (planorder's repeat: a nightly sync appending a
+        run exported again, in this run of the job or after an earlier one): its lines from
+        here on may all be there already, so they are read back first (found by review: an
+        appended run's lines after a resume were sent again, points doubled on a file
+        store, a model logged twice)."""
+        self._run(source).found = True
+
     def created(self, source: str, target: str, found: bool = False) -> None:
         run = self._run(source)
         run.target, run.failure, run.found = target, None, found
@@ -511,6 +519,12 @@ async def other_copy(
     created it too late to converge at creation), else None (also when it cannot tell)."""
     answer, copies = await find_copies(requests, book.known_ids(), source, pace)
     others = [c.run_id for c in copies if c.run_id != run_id]
+    if others and 200 <= answer.status < 300:
+        # the other upload deletes its copy once it sees this one (found by review: a copy
+        # about to be deleted was named, and a user told to delete one may delete the only)
+        await anyio.sleep(SETTLE_MAX)
+        answer, copies = await find_copies(requests, book.known_ids(), source, pace)
+        others = [c.run_id for c in copies if c.run_id != run_id]
     if not 200 <= answer.status < 300 or not others:
         return None
     return Answer(

@@ -231,6 +231,41 @@ def test_mlflow_a_run_appended_again_after_it_ended_logs_its_models_once(
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_file_store_a_nightly_sync_appending_a_run_again_doubles_nothing(
+    tmp_path: Path, files_uri: str
+) -> None:
+    """Found by review: a nightly sync appends to the same manifest and runs the same
+    command (the same checkpoint). The run exported again when it ended was read back only
+    within one invocation: after a resume its points went again (twice on a file store),
+    and its model was logged twice, exit 0."""
+    client = MlflowClient(files_uri)
+    p = f"night{time.time_ns()}-"
+    s, e = f"{p}run", f"{p}exp"
+    first = [
+        create(s, e, run_name="r", start_time=T0),
+        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(5)]),
+        model(s, 1),
+        update(s, "RUNNING"),
+    ]
+    second = [
+        create(s, e, run_name="r", start_time=T0),
+        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(8)]),
+        model(s, 1),
+        model(s, 2),
+        update(s, "FINISHED", T0 + 100),
+    ]
+    manifest = write_manifest(tmp_path / "sync.jsonl", first)
+    out = run_cli(mlflow_args(files_uri, manifest))
+    assert out.returncode == 0, out.stderr
+    write_manifest(tmp_path / "sync.jsonl", first + second)  # the next night's export
+    out = run_cli(mlflow_args(files_uri, manifest))
+    assert out.returncode == 0, out.stderr
+    merged = [second[0], second[1], first[2], second[3], second[4]]
+    assert histories(client, merged) == planned(merged)
+    write_manifest(tmp_path / "merged.jsonl", merged)
+    assert_on_mlflow(client, prefixed(merged, ""))
+
+
 def test_mlflow_the_same_hand_written_model_line_twice_logs_it_once(
     tmp_path: Path, sql_uri: str
 ) -> None:
