@@ -485,7 +485,7 @@ class Job:
         if isinstance(checked, Record) and record.op == "create-run":
             self._book.declare(record.run_id, done)
             self._copies.declared(record)
-            if record.seq in self._order.repeats:
+            if record.seq in self._order.repeats or record.seq in self._order.again:
                 self._book.given_again(record.run_id)  # before its next lines are formed
         return checked
 
@@ -960,9 +960,16 @@ class Job:
             self._journal.sent(
                 call.records[0].seq, tries.first_sent, tries.ready_at, len(call.records), call.token
             )
-            if self._not_idempotent(call) or call.records[0].seq in self._open_ended:
+            if (
+                self._not_idempotent(call)
+                or call.records[0].seq in self._open_ended
+                or (self._reads_back and operation(call.op).confirm == "missing")
+            ):
                 # on disk before it goes out: a crash at any moment leaves a resume that
-                # reads the run back first, or forms the call again exactly
+                # reads the run back first, or forms the call again exactly (a log-batch
+                # too where no retry token protects it: an MLflow file store keeps a
+                # replayed point twice; found under load, a kill in the 0.2 s before the
+                # next flush left no trace of it, and the resume sent it again)
                 await self._flushed.wait()
 
     @contextlib.asynccontextmanager

@@ -8,7 +8,9 @@ children's. A run the checkpoint maps (its create-run done by an earlier run of 
 counts as declared. A run given again (a plan concatenated twice, a nightly sync appending
 a run exported again when it ended) may repeat its create-run: the repeat is sent as
 nothing, it stands for the first (the run's other lines are read back, batchlog.replay);
-a second create-run that differs from the first is refused.
+a second create-run that differs from the first is refused. A create-run of a run an
+earlier run of the job made (the checkpoint maps it: its line is not read again) is sent:
+the run is looked up by its tag, found, and renamed if its name changed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class PlanOrder:
         # earlier run of the job, not read again)
         self._declared: dict[str, int | None] = dict.fromkeys(mapped)
         self.repeats: set[int] = set()  # seqs of create-runs that repeat an earlier one
+        self.again: set[int] = set()  # seqs of create-runs of runs an earlier run made
 
     def check(self, record: Record, done: bool = False) -> Record | Rejection:
         """``record``, or its Rejection when it breaks the order. A line an earlier run of
@@ -50,7 +53,10 @@ class PlanOrder:
                 pass
             elif source in self._declared:
                 first = self._declared[source]
-                if first is not None and first != fields:
+                if first is None:  # made by an earlier run of the job: looked up again
+                    self.again.add(record.seq)  # (by its tag: a run renamed is renamed)
+                    self._declared[source] = fields
+                elif first != fields:
                     problem = ("source_run_id", SECOND_CREATE_RUN)
                 else:
                     self.repeats.add(record.seq)

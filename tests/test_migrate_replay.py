@@ -237,7 +237,7 @@ def test_file_store_a_nightly_sync_appending_a_run_again_doubles_nothing(
     """Found by review: a nightly sync appends to the same manifest and runs the same
     command (the same checkpoint). The run exported again when it ended was read back only
     within one invocation: after a resume its points went again (twice on a file store),
-    and its model was logged twice, exit 0."""
+    and its model was logged twice, exit 0; a rename was lost."""
     client = MlflowClient(files_uri)
     p = f"night{time.time_ns()}-"
     s, e = f"{p}run", f"{p}exp"
@@ -248,7 +248,7 @@ def test_file_store_a_nightly_sync_appending_a_run_again_doubles_nothing(
         update(s, "RUNNING"),
     ]
     second = [
-        create(s, e, run_name="r", start_time=T0),
+        create(s, e, run_name="r2", start_time=T0),  # renamed on the source since
         batch(s, metrics=[point("m", i, T0 + i, i) for i in range(8)]),
         model(s, 1),
         model(s, 2),
