@@ -250,6 +250,17 @@ class CreateRunCopies:
         """The run's create-run failed: its own line goes to the dead letter."""
         self._present.add(run)
 
+    def parent_of(self, run: str) -> str | None:
+        """The parent run its create-run names, if its line is known."""
+        line = self._lines.get(run)
+        if line is None:
+            return None
+        try:
+            parent = orjson.loads(line[1]).get("parent_source_run_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return parent if isinstance(parent, str) and parent else None
+
     def copy_for(self, run: str, target: str) -> tuple[bytes, dict[str, Any]] | None:
         """The line and ``_error`` of the run's create-run copy, if the dead letter needs
         one (``target``: the run on the target); None when it holds one or none is known."""

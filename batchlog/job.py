@@ -96,6 +96,7 @@ Held = Literal["unauthorized", "redirect", "not-found", "cannot-connect", "gave-
 _RESENT_ON_SUCCESS = ("unauthorized", "redirect", "cannot-connect")  # tried again after one
 
 
+MAX_NESTING = 1000  # parents followed at most (a loop in a hand-made plan ends there)
 _UNLOCKED = contextlib.nullcontext()  # stateless: shared by every call that takes no lock
 
 
@@ -549,12 +550,20 @@ class Job:
 
     def _copy_create_run(self, run: str) -> None:
         """Before a line of ``run`` goes to the dead letter: a copy of its create-run line,
-        if the run is on the target and the dead letter has no create-run line of it yet."""
+        if the run is on the target and the dead letter has no create-run line of it yet,
+        after its parents' (found by review: a nested run's dead letter was refused, "no
+        create-run for the parent run earlier in the plan")."""
         assert self._dead is not None
-        target = self._book.target_of(run)
-        copy = self._copies.copy_for(run, target) if target is not None else None
-        if copy is not None:
-            self._dead.add(*copy, record=False)
+        chain: list[str] = []
+        each: str | None = run
+        while each is not None and each not in chain and len(chain) < MAX_NESTING:
+            chain.append(each)
+            each = self._copies.parent_of(each)
+        for each in reversed(chain):  # the eldest first
+            target = self._book.target_of(each)
+            copy = self._copies.copy_for(each, target) if target is not None else None
+            if copy is not None:
+                self._dead.add(*copy, record=False)
 
     # ---- workers -------------------------------------------------------------------------
 
@@ -1120,6 +1129,9 @@ class Job:
             if not record.source_run:
                 pass
             elif self._copies.is_declaration(record):
+                parent = self._copies.parent_of(record.run_id)
+                if parent is not None:
+                    self._copy_create_run(parent)  # its parents' lines first
                 self._copies.failed(record.run_id)  # its own line goes in
             else:
                 self._copy_create_run(record.run_id)

@@ -189,3 +189,33 @@ def test_a_line_appended_for_a_run_an_earlier_run_created_comes_with_its_create_
     assert out.returncode == 0, out.stderr
     run = one_run(emu, "srcA")
     assert run["run_id"] == target and run["tags"].get("t") == "short"
+
+
+def test_a_nested_runs_line_comes_with_its_parents_create_run_too(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    """Found by review: the dead letter held the child's create-run (a copy, or its own
+    failed line) but not its parent's, and its upload rejected every line with "no
+    create-run for the parent run earlier in the plan"."""
+    emu = emulator()
+    plan = [
+        create("srcP", "exp", run_name="parent", start_time=T0),
+        update("srcP", "FINISHED", T0 + 5),
+        create("srcC", "exp", run_name="child", start_time=T0, parent_source_run_id="srcP"),
+        batch("srcC", params=[{"key": "lr", "value": "0.1"}]),
+        batch("srcC", params=[{"key": "lr", "value": "0.2"}]),  # refused: 400
+        update("srcC", "FINISHED", T0 + 5),
+    ]
+    manifest = write_manifest(tmp_path / "plan.jsonl", plan)
+    out = run_cli(upload_args(oci, emu, str(manifest)))
+    assert out.returncode == 1, out.stderr
+    dead_path = tmp_path / "plan.dead-letter.jsonl"
+    dead = dead_letter(dead_path)
+    assert [without_notes(d) for d in dead[:2]] == [plan[0], plan[2]], dead  # parents first
+    fixed = [without_notes(d) for d in dead]
+    fixed[-1]["params"] = [{"key": "lr", "value": "0.1"}]  # the user's fix
+    write_manifest(dead_path, fixed)
+    again = run_cli(upload_args(oci, emu, str(dead_path)))
+    assert again.returncode == 0, again.stderr
+    child = one_run(emu, "srcC")
+    assert child["tags"]["mlflow.parentRunId"] == one_run(emu, "srcP")["run_id"], child
