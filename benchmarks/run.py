@@ -118,20 +118,7 @@ def client(
     work: Workdir, name: str, emu: EmulatorProcess, manifest: Path, *extra: str
 ) -> dict[str, Any]:
     out = subprocess.run(
-        [
-            PY,
-            str(HERE / "clients.py"),
-            name,
-            "--url",
-            emu.url,
-            "--manifest",
-            str(manifest),
-            "--config",
-            str(work.root / "config"),
-            "--workdir",
-            str(work.root),
-            *extra,
-        ],
+        clients_py(work, name, emu, manifest, *extra),
         capture_output=True,
         text=True,
         check=False,
@@ -265,6 +252,24 @@ def batchlog_cli(
 def peer_cli(
     work: Workdir, name: str, emu: EmulatorProcess, manifest: Path, concurrency: int
 ) -> list[str]:
+    return clients_py(
+        work,
+        name,
+        emu,
+        manifest,
+        "--platform",
+        PLATFORM,
+        "--workspace",
+        WORKSPACE,
+        "--concurrency",
+        str(concurrency),
+    )
+
+
+def clients_py(
+    work: Workdir, name: str, emu: EmulatorProcess, manifest: Path, *extra: str
+) -> list[str]:
+    """The command running one client of benchmarks/clients.py against ``emu``."""
     return [
         PY,
         str(HERE / "clients.py"),
@@ -277,12 +282,7 @@ def peer_cli(
         str(work.root / "config"),
         "--workdir",
         str(work.root),
-        "--platform",
-        PLATFORM,
-        "--workspace",
-        WORKSPACE,
-        "--concurrency",
-        str(concurrency),
+        *extra,
     ]
 
 

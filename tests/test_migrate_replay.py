@@ -184,6 +184,27 @@ def planned(plan: list[dict[str, Any]]) -> dict[str, Counter[Any]]:
     return out
 
 
+def exported_twice(
+    s: str, e: str, later_name: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A run as exported while it ran, then again once it ended (more points, the same
+    model and one more, its final status; ``later_name``: its name by then)."""
+    first = [
+        create(s, e, run_name="r", start_time=T0),
+        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(5)]),
+        model(s, 1),
+        update(s, "RUNNING"),
+    ]
+    second = [
+        create(s, e, run_name=later_name, start_time=T0),
+        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(8)]),
+        model(s, 1),
+        model(s, 2),
+        update(s, "FINISHED", T0 + 100),
+    ]
+    return first, second
+
+
 # ---- 2. a run given twice in one job ------------------------------------------------------
 
 
@@ -208,19 +229,7 @@ def test_mlflow_a_run_appended_again_after_it_ended_logs_its_models_once(
     client = MlflowClient(sql_uri)
     p = f"again{time.time_ns()}-"
     s, e = f"{p}run", f"{p}exp"
-    first = [
-        create(s, e, run_name="r", start_time=T0),
-        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(5)]),
-        model(s, 1),
-        update(s, "RUNNING"),
-    ]
-    second = [
-        create(s, e, run_name="r", start_time=T0),
-        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(8)]),
-        model(s, 1),
-        model(s, 2),
-        update(s, "FINISHED", T0 + 100),
-    ]
+    first, second = exported_twice(s, e, "r")
     whole = write_manifest(tmp_path / "sync.jsonl", first + second)
     out = run_cli(mlflow_args(sql_uri, whole))
     assert out.returncode in (0, 1), out.stderr
@@ -241,19 +250,7 @@ def test_file_store_a_nightly_sync_appending_a_run_again_doubles_nothing(
     client = MlflowClient(files_uri)
     p = f"night{time.time_ns()}-"
     s, e = f"{p}run", f"{p}exp"
-    first = [
-        create(s, e, run_name="r", start_time=T0),
-        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(5)]),
-        model(s, 1),
-        update(s, "RUNNING"),
-    ]
-    second = [
-        create(s, e, run_name="r2", start_time=T0),  # renamed on the source since
-        batch(s, metrics=[point("m", i, T0 + i, i) for i in range(8)]),
-        model(s, 1),
-        model(s, 2),
-        update(s, "FINISHED", T0 + 100),
-    ]
+    first, second = exported_twice(s, e, "r2")  # renamed on the source since
     manifest = write_manifest(tmp_path / "sync.jsonl", first)
     out = run_cli(mlflow_args(files_uri, manifest))
     assert out.returncode == 0, out.stderr
