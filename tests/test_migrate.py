@@ -127,6 +127,24 @@ def nested_plan(prefix: str = "") -> list[dict[str, Any]]:
     ]
 
 
+def prefixed(plan: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """``plan`` with its source ids and experiments made unique on a shared server."""
+    out = []
+    for line in plan:
+        line = dict(line)
+        line["source_run_id"] = prefix + line["source_run_id"]
+        if "experiment" in line:
+            line["experiment"] = prefix + line["experiment"]
+        if "parent_source_run_id" in line:
+            line["parent_source_run_id"] = prefix + line["parent_source_run_id"]
+        if line["op"] == "log-model":
+            doc = json.loads(line["model_json"])
+            doc["run_id"] = line["source_run_id"]
+            line["model_json"] = json.dumps(doc)
+        out.append(line)
+    return out
+
+
 def many_runs(n: int, experiments: int = 3, batches: int = 2) -> list[dict[str, Any]]:
     """``n`` runs over a few experiments, every 5th nested under the run before it."""
     lines: list[dict[str, Any]] = []
@@ -680,18 +698,7 @@ def test_mlflow_calls_in_doubt_at_kills_leave_one_run_and_one_model(
     again while log-model calls are; the resumes leave one run per source run and each
     model once (runs/create and log-model are not idempotent on MLflow)."""
     client = MlflowClient(mlflow_uri)
-    plan = many_runs(6, experiments=2, batches=1)
-    prefix = f"d{time.time_ns()}-"
-    for line in plan:
-        line["source_run_id"] = prefix + line["source_run_id"]
-        if "experiment" in line:
-            line["experiment"] = prefix + line["experiment"]
-        if "parent_source_run_id" in line:
-            line["parent_source_run_id"] = prefix + line["parent_source_run_id"]
-        if line["op"] == "log-model":
-            doc = json.loads(line["model_json"])
-            doc["run_id"] = line["source_run_id"]
-            line["model_json"] = json.dumps(doc)
+    plan = prefixed(many_runs(6, experiments=2, batches=1), f"d{time.time_ns()}-")
     manifest = write_manifest(tmp_path / "plan.jsonl", plan)
     port = int(mlflow_uri.rsplit(":", 1)[1])
     with _HoldWrites(port, (b"/runs/create ", b"/runs/log-model "), hold=2.0) as proxy:

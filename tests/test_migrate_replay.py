@@ -50,6 +50,7 @@ from tests.test_migrate import (
     model,
     nested_plan,
     point,
+    prefixed,
     update,
 )
 
@@ -90,24 +91,6 @@ def files_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         stop_mlflow_server(proc)
-
-
-def prefixed(plan: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
-    """``plan`` with its source ids and experiments made unique on a shared server."""
-    out = []
-    for line in plan:
-        line = dict(line)
-        line["source_run_id"] = prefix + line["source_run_id"]
-        if "experiment" in line:
-            line["experiment"] = prefix + line["experiment"]
-        if "parent_source_run_id" in line:
-            line["parent_source_run_id"] = prefix + line["parent_source_run_id"]
-        if line["op"] == "log-model":
-            doc = json.loads(line["model_json"])
-            doc["run_id"] = line["source_run_id"]
-            line["model_json"] = json.dumps(doc)
-        out.append(line)
-    return out
 
 
 def metric_plan(prefix: str) -> list[dict[str, Any]]:
