@@ -1,6 +1,8 @@
 """Credentials from OCI configuration; the `oci` package only for principals.
 
 Every auth type ends as a ``KeySource``: a key id and an RSA key, refreshed for principals.
+Each one pickles as its ``Recipe`` (auth type, config file, profile), never as the key, and
+is loaded again where it is unpickled (a Spark executor): ``load_keys``.
 The config file, the key file and the passphrase are read here, so that every problem with
 them is told by file, line and reason, never by the text of a line or of a key.
 """
@@ -14,7 +16,7 @@ import re
 import stat
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from batchlog.errors import ConfigurationError
 from batchlog.files import KIB, MIB, UnusableFile, read_capped
-from batchlog.signing import KeySnapshot, KeySource, StaticKey, header_safe
+from batchlog.signing import KeySnapshot, KeySource, StaticKey, header_safe, no_recipe
 
 log = logging.getLogger("batchlog")
 
@@ -49,6 +51,40 @@ class Credentials:
     region: str | None  # from the profile or the principal, for the default endpoint
 
 
+class Recipe(NamedTuple):
+    """How a key source was loaded: what crosses to another process instead of the key.
+    The defaults are resolved where the key was first loaded (its environment's
+    OCI_CONFIG_FILE and OCI_CLI_PROFILE); paths stay as given ("~" and relative paths are
+    expanded where the key is loaded again)."""
+
+    auth: str
+    config_file: str | None  # None for principals
+    profile: str | None
+
+
+def load_keys(auth: str, config_file: str | None, profile: str | None) -> KeySource:
+    """The key source ``load_credentials`` gives, loaded here: what an unpickled key source
+    becomes. Raises the ConfigurationError ``load_credentials`` raises."""
+    return load_credentials(auth, config_file, profile).keys
+
+
+def _reduce(recipe: Recipe | None, kind: str) -> tuple[Any, ...]:
+    """The pickled form of a key source: its recipe; refused when it has none."""
+    if recipe is None:
+        raise no_recipe(kind)
+    return load_keys, tuple(recipe)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ApiKey(StaticKey):
+    """An API key read from an OCI config: it pickles as its recipe, never as the key."""
+
+    recipe: Recipe
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self.recipe, "ApiKey")
+
+
 def default_config_file() -> str:
     return os.environ.get("OCI_CONFIG_FILE") or "~/.oci/config"
 
@@ -65,7 +101,7 @@ def load_credentials(auth: str, config_file: str | None, profile: str | None) ->
         return _from_config(
             auth, config_file or default_config_file(), profile or default_profile()
         )
-    return _principal(auth)
+    return _principal(Recipe(auth, None, None))
 
 
 @dataclass(frozen=True)
@@ -120,6 +156,7 @@ def _indented(line: int, joined: int, option: str) -> str:
 
 
 def _from_config(auth: str, config_file: str, profile_name: str) -> Credentials:
+    recipe = Recipe(auth, config_file, profile_name)  # as given: "~" expands where loaded
     profile = _read_profile(config_file, profile_name)
     region = profile.values.get("region") or os.environ.get("OCI_REGION")
     if auth == "api_key":
@@ -134,11 +171,12 @@ def _from_config(auth: str, config_file: str, profile_name: str) -> Credentials:
             ids.append(value)
         user, fingerprint, tenancy = ids
         key = _load_key(profile)
-        return Credentials(StaticKey(f"{tenancy}/{user}/{fingerprint}", key), region)
+        return Credentials(ApiKey(f"{tenancy}/{user}/{fingerprint}", key, recipe), region)
     token_file = profile.require("security_token_file", " (run 'oci session authenticate')")
     token = _first_token(profile, token_file)
     key = _load_key(profile)
-    return Credentials(SessionTokenKeys(os.path.expanduser(token_file), token, key), region)
+    keys = SessionTokenKeys(os.path.expanduser(token_file), token, key, recipe)
+    return Credentials(keys, region)
 
 
 def _read_profile(config_file: str, name: str) -> _Profile:
@@ -348,10 +386,16 @@ class SessionTokenKeys:
     never appears in a message or repr.
     """
 
-    def __init__(self, token_file: str, token: str, key: RSAPrivateKey) -> None:
+    def __init__(
+        self, token_file: str, token: str, key: RSAPrivateKey, recipe: Recipe | None = None
+    ) -> None:
         self._token_file = token_file
         self._snapshot = KeySnapshot(f"ST${token}", key)  # replaced whole: never torn
         self._lock = threading.Lock()  # one refresh at a time
+        self._recipe = recipe
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the token is read again where it is loaded
+        return _reduce(self._recipe, "SessionTokenKeys")
 
     @property
     def refreshable(self) -> bool:
@@ -410,10 +454,14 @@ class _PrincipalKeys:
     goes through one lock, so a snapshot never pairs a token with another token's key.
     """
 
-    def __init__(self, signer: Any) -> None:
+    def __init__(self, signer: Any, recipe: Recipe | None = None) -> None:
         self._signer = signer  # an oci X509FederationClientBasedSecurityTokenSigner or similar
         self._lock = threading.Lock()
         self._snapshot = KeySnapshot(signer.api_key, signer.private_key)
+        self._recipe = recipe
+
+    def __reduce__(self) -> tuple[Any, ...]:  # each process asks the principal itself
+        return _reduce(self._recipe, "PrincipalKeys")
 
     @property
     def refreshable(self) -> bool:
@@ -447,15 +495,16 @@ class _PrincipalKeys:
         return "PrincipalKeys(...)"
 
 
-def _principal(auth: str) -> Credentials:
+def _principal(recipe: Recipe) -> Credentials:
     import oci
 
+    auth = recipe.auth
     try:
         if auth == "instance_principal":
             signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
         else:
             signer = oci.auth.signers.get_resource_principals_signer()
-        keys = _PrincipalKeys(signer)
+        keys = _PrincipalKeys(signer, recipe)
     except Exception as exc:  # names the kind only: a message could quote the token
         raise ConfigurationError(
             f"--auth {auth}: cannot obtain a principal token ({type(exc).__name__}); "

@@ -2,6 +2,9 @@
 
 No `requests.Request` is built: the signing string is formatted from the parts batchlog
 already has, and the key, key id and header list are reused for every request.
+
+A key source crosses to another process (a Spark executor) only as how to load it again
+(``batchlog.auth``'s recipes): one holding key material alone refuses to pickle.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import base64
 import re
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from batchlog.errors import ConfigurationError
 
 SIGNED_HEADERS = "date (request-target) host content-length content-type x-content-sha256"
 GET_SIGNED_HEADERS = "date (request-target) host"  # OCI signs a GET (no body) with these
@@ -22,6 +27,15 @@ _PADDING = padding.PKCS1v15()
 _HASH = hashes.SHA256()
 # what a key id may hold: printable ASCII, no space, quote or backslash (it is quoted in a header)
 _HEADER_SAFE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def no_recipe(kind: str) -> ConfigurationError:
+    """Why the key source ``kind`` cannot be pickled: it holds key material and no way to
+    load it again, and key material never leaves the process that loaded it."""
+    return ConfigurationError(
+        f"{kind} holds key material, which never leaves this process: load the key with "
+        "batchlog.auth.load_credentials(...) so that executors can load it again"
+    )
 
 
 def header_safe(value: str) -> bool:
@@ -83,6 +97,9 @@ class StaticKey:
 
     def refresh(self, seen: int | None = None) -> None:
         return None
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        raise no_recipe(type(self).__name__)
 
     def __repr__(self) -> str:  # never show the key, nor a security token ("ST$<token>")
         if self.key_id.startswith("ST$"):
