@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
 import difflib
@@ -68,6 +67,7 @@ from batchlog.target import (
     Target,
     check_endpoint,
     check_ids,
+    env_authorization,
     mlflow_target,
     region_endpoint,
 )
@@ -700,23 +700,7 @@ def _mlflow_target(args: argparse.Namespace) -> tuple[MlflowTarget, str | None, 
     in MLflow's order: credentials in the URI, else basic auth, else a bearer token."""
     from batchlog.transport import tls_context
 
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    authorization = ""
-    if user and password:
-        authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-    elif token:
-        if any(ord(c) < 32 or ord(c) == 127 for c in token):  # never echoed
-            raise ConfigurationError(
-                "MLFLOW_TRACKING_TOKEN holds line breaks or control characters: it cannot "
-                "be sent in a header (check how it was set)"
-            )
-        authorization = f"Bearer {token}"
-    elif user or password:
-        raise ConfigurationError(
-            "set both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or neither"
-        )
+    authorization, env = env_authorization()  # pickled as these variables (Spark)
     insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").strip().lower()
     if insecure not in ("", "true", "false", "1", "0"):
         raise ConfigurationError(
@@ -733,7 +717,7 @@ def _mlflow_target(args: argparse.Namespace) -> tuple[MlflowTarget, str | None, 
             "verification cannot be both off and done with a CA file)"
         )
     tls_context(ca or None, verify_tls, name)  # a CA file that is none: refused now
-    return mlflow_target(args.tracking_uri, authorization), ca or None, verify_tls
+    return mlflow_target(args.tracking_uri, authorization, env), ca or None, verify_tls
 
 
 # ---- upload ------------------------------------------------------------------------------

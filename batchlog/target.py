@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import os
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from batchlog.errors import ConfigurationError
@@ -18,6 +19,11 @@ from batchlog.retry import NO_ANSWER, Answer
 API_VERSION = "20260430"
 _SCHEME = re.compile(r"(?:^|/)[A-Za-z][A-Za-z0-9+.-]*://")  # "https://", "mlflow/https://"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a header value cannot hold these
+# MLflow's credentials variables, and which of them an Authorization value came from
+TOKEN = "MLFLOW_TRACKING_TOKEN"
+USERNAME = "MLFLOW_TRACKING_USERNAME"
+PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+EnvKind = Literal["", "token", "basic"]
 
 log = logging.getLogger("batchlog")
 
@@ -213,6 +219,9 @@ class MlflowTarget:
     authorization: str = field(default="", repr=False)  # Authorization header value, or ""
     datasets_field: str = "datasets"  # MLflow's name for the datasets array in log-inputs
     uri_credentials: bool = False  # the authorization is the tracking URI's user:password@
+    # the MLflow variables the authorization was read from ("": the URI, or given as a
+    # value): a pickle carries these names, never the value (issue 13)
+    env: EnvKind = field(default="", repr=False, compare=False)
     retry_tokens: ClassVar[bool] = False  # none: what may have been applied is read back
     signed: ClassVar[bool] = False  # an Authorization header (MLflow's variables), if any
     takes_user_id: ClassVar[bool] = True
@@ -225,6 +234,31 @@ class MlflowTarget:
                 "the MLflow credentials hold line breaks or control characters: they cannot "
                 "be sent in a header"
             )
+
+    def __reduce__(self) -> tuple[object, tuple[str, ...]]:
+        """Pickled (sent to a Spark executor) without the credentials: as the MLflow
+        variables to read them from again there; refused when they came from elsewhere."""
+        if not self.authorization:
+            return MlflowTarget, (self.endpoint, self.prefix, "", self.datasets_field)
+        if self.env:
+            return _read_again, (self.endpoint, self.prefix, self.datasets_field, self.env)
+        if self.uri_credentials:
+            raise ConfigurationError(
+                "the tracking URI's user name and password never leave this process: take "
+                f"them out of the URI and set {USERNAME} and {PASSWORD} (or {TOKEN}), "
+                "on the driver and on the executors"
+            )
+        raise ConfigurationError(
+            "MLflow credentials given as a value never leave this process: set "
+            f"{TOKEN} (or {USERNAME} and {PASSWORD}) on the driver and the executors, "
+            "and build the target with batchlog.target.mlflow_target_from_env(...)"
+        )
+
+    def __copy__(self) -> MlflowTarget:  # immutable: a copy stays in this process
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> MlflowTarget:
+        return self
 
     @property
     def identity(self) -> str:
@@ -327,11 +361,64 @@ class MlflowTarget:
 Target = OciTarget | MlflowTarget
 
 
-def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTarget:
-    """The MLflow target of ``tracking_uri``, sending ``authorization`` (from MLflow's
-    variables), or, as MLflow's client does, the ``user:password@`` written into the URI as
-    basic auth in its place (percent-decoded). Those credentials are taken out of the URI:
-    never in the target's identity, a message, the checkpoint or a report."""
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _bearer(token: str) -> str:
+    if _CONTROL.search(token):  # never echoed
+        raise ConfigurationError(
+            f"{TOKEN} holds line breaks or control characters: it cannot be sent in a header "
+            "(check how it was set)"
+        )
+    return f"Bearer {token}"
+
+
+def env_authorization() -> tuple[str, EnvKind]:
+    """The Authorization value MLflow's variables give, in MLflow's order (basic auth from
+    the user name and password, else a bearer token; "" for none), and which gave it."""
+    token, user, password = (os.environ.get(name) for name in (TOKEN, USERNAME, PASSWORD))
+    if user and password:
+        return _basic(user, password), "basic"
+    if token:
+        return _bearer(token), "token"
+    if user or password:
+        raise ConfigurationError(f"set both {USERNAME} and {PASSWORD}, or neither")
+    return "", ""
+
+
+def _read_again(endpoint: str, prefix: str, datasets_field: str, env: EnvKind) -> MlflowTarget:
+    """An MLflow target unpickled (on a Spark executor): its credentials read again from the
+    MLflow variables they came from, in this process's environment."""
+    names = (USERNAME, PASSWORD) if env == "basic" else (TOKEN,)
+    values = [os.environ.get(name, "") for name in names]
+    if not all(values):  # one line naming what to set, never a value
+        both = len(names) > 1
+        them = "them" if both else "it"
+        raise ConfigurationError(
+            f"{' and '.join(names)} {'are not both' if both else 'is not'} set in this "
+            "process: the MLflow target sent here (to a Spark executor) reads its "
+            f"credentials again from {them}; set {them} on the executors too "
+            f"(spark.executorEnv.{names[0]}=..., or the cluster's environment settings)"
+        )
+    authorization = _basic(*values) if env == "basic" else _bearer(values[0])
+    return MlflowTarget(endpoint, prefix, authorization, datasets_field, env=env)
+
+
+def mlflow_target_from_env(tracking_uri: str | None) -> MlflowTarget:
+    """The MLflow target of ``tracking_uri`` with the credentials of MLflow's variables (or
+    of the URI, as ``mlflow_target``): what the command line and executors use."""
+    return mlflow_target(tracking_uri, *env_authorization())
+
+
+def mlflow_target(
+    tracking_uri: str | None, authorization: str = "", env: EnvKind = ""
+) -> MlflowTarget:
+    """The MLflow target of ``tracking_uri``, sending ``authorization`` (read from MLflow's
+    variables ``env``, read again where the target is unpickled), or, as MLflow's client
+    does, the ``user:password@`` written into the URI as basic auth in its place
+    (percent-decoded). Those credentials are taken out of the URI: never in the target's
+    identity, a message, the checkpoint or a report, and never pickled."""
     if not tracking_uri:
         raise ConfigurationError(
             "--tracking-uri is required with --target mlflow (or set MLFLOW_TRACKING_URI)"
@@ -352,8 +439,7 @@ def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTa
                 "the tracking URI holds credentials: they are used, and MLFLOW_TRACKING_TOKEN "
                 "or MLFLOW_TRACKING_USERNAME/PASSWORD ignored, as MLflow does"
             )
-        userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password)}"
-        authorization = "Basic " + base64.b64encode(userinfo.encode()).decode()
+        authorization, env = _basic(unquote(parts.username or ""), unquote(parts.password)), ""
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"--tracking-uri {shown!r}: expected http(s)://HOST[:PORT][/PATH]")
     if authorization and parts.scheme == "http" and not is_loopback(parts.hostname):
@@ -367,6 +453,7 @@ def mlflow_target(tracking_uri: str | None, authorization: str = "") -> MlflowTa
         parts.path.rstrip("/"),
         authorization,
         uri_credentials=from_uri,
+        env=env if authorization else "",
     )
 
 
