@@ -1,0 +1,404 @@
+"""batchlog.spark on local Spark (local[2,4]: 2 cores, a task tried up to 4 times) against
+the emulator: exactly once across buckets, task retries, two attempts at once and re-runs.
+
+pyspark and Java are required: without them these tests fail (CI installs the spark extra).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from pyspark.serializers import CloudPickleSerializer
+from pyspark.sql import SparkSession
+
+import batchlog
+from batchlog.auth import load_credentials
+from batchlog.emulator import EmulatorThread
+from batchlog.errors import CheckpointError, ConfigurationError
+from batchlog.planorder import NO_PARENT
+from batchlog.spark import upload
+from batchlog.spark.bucket import BucketJob, bucket_dir
+from batchlog.validate import parse_line
+from tests.conftest import (
+    FINGERPRINT,
+    PLATFORM,
+    TENANCY,
+    USER,
+    WORKSPACE,
+    Oci,
+    expected_items,
+    inputs_record,
+    mixed_records,
+    write_manifest,
+)
+from tests.test_upload import assert_exactly_once
+
+StartEmulator = Callable[..., EmulatorThread]
+
+# pyspark leaves the sockets it collects results through to the garbage collector; one
+# xdist worker runs the whole module (`-n 2 --dist loadgroup`): one JVM, not two
+pytestmark = [
+    pytest.mark.xdist_group("spark"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[SparkSession]:
+    os.environ["PYSPARK_PYTHON"] = sys.executable  # the workers run this venv's Python
+    session = (
+        SparkSession.builder.master("local[2,4]")
+        .appName("batchlog-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.driver.host", "127.0.0.1")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def settings(oci: Oci, emu: EmulatorThread, **options: Any) -> batchlog.Settings:
+    creds = load_credentials("api_key", str(oci.config), None)
+    target = batchlog.OciTarget(emu.url, PLATFORM, WORKSPACE)
+    return batchlog.Settings(target=target, keys=creds.keys, **options)
+
+
+def sent(emu: EmulatorThread) -> int:
+    return sum(emu.state.statuses.values())
+
+
+def test_20000_records_in_8_buckets_land_exactly_once_and_a_rerun_sends_nothing(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    records = mixed_records(20_000, runs=1_000)
+    for part in range(4):  # several files, each read as one or more splits
+        write_manifest(tmp_path / f"runs-{part}.jsonl", records[part * 5000 : (part + 1) * 5000])
+    df = spark.read.text(str(tmp_path / "runs-*.jsonl"))
+    ckpt = tmp_path / "ckpt"
+
+    result = upload(df, settings(oci, emu), str(ckpt), buckets=8)
+    assert_exactly_once(emu, records)
+    r = result.report
+    assert (r.records, r.succeeded, r.failed, r.rejected, r.exit_code) == (20_000, 20_000, 0, 0, 0)
+    assert r.requests == emu.state.statuses[200] < 20_000  # a run's inputs merged
+    assert [t.bucket for t in result.tasks] == list(range(8))
+    assert all(t.records > 1000 for t in result.tasks)  # spread over the buckets
+    assert result.dead_letter.count() == 0
+    # every run in one bucket, its lines in input order, each with its FILE:LINE
+    runs_seen: dict[str, int] = {}
+    files = {str(f): f.read_bytes().splitlines() for f in tmp_path.glob("runs-*.jsonl")}
+    for bucket in range(8):
+        folder = Path(bucket_dir(str(ckpt), bucket))
+        lines = (folder / "records.jsonl").read_bytes().splitlines()
+        sources = (folder / "sources.txt").read_text().splitlines()
+        assert len(lines) == len(sources)
+        places = []
+        for line, source in zip(lines, sources, strict=True):
+            file, number = source.rsplit(":", 1)
+            assert files[file][int(number) - 1] == line
+            places.append((file, int(number)))
+            run = orjson.loads(line)["run_id"]
+            assert runs_seen.setdefault(run, bucket) == bucket
+        assert places == sorted(places)
+
+    before = sent(emu)
+    again = upload(df, settings(oci, emu), str(ckpt), buckets=8)
+    assert sent(emu) == before  # nothing sent
+    a = again.report
+    assert (a.records, a.already_done, a.requests, a.succeeded, a.unsuccessful_total) == (
+        20_000,
+        20_000,
+        0,
+        0,
+        0,
+    )
+
+
+def _kill_when_committed(folder: Path, done: threading.Event) -> int:
+    """SIGKILL the Python worker holding ``folder``'s lease once its checkpoint has a
+    commit; its pid, or 0 if the job ended first."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not done.is_set():
+        checkpoint = folder / "checkpoint"
+        if checkpoint.is_file() and b'"commit"' in checkpoint.read_bytes():
+            note = (folder / "lease").read_text()
+            pid = int(note.split("pid=")[1].split()[0])
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.02)
+    return 0
+
+
+def test_a_task_killed_midway_is_retried_and_everything_lands_exactly_once(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator(latency=0.03)
+    records = [inputs_record(f"run{i:04d}", f"ds{i:08d}") for i in range(400)]
+    write_manifest(tmp_path / "runs.jsonl", records)
+    ckpt = tmp_path / "ckpt"
+    results: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            df = spark.read.text(str(tmp_path / "runs.jsonl"))
+            results.append(upload(df, settings(oci, emu, concurrency=2), str(ckpt), buckets=2))
+        except BaseException as exc:  # shown by the assertion below
+            results.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = _kill_when_committed(Path(bucket_dir(str(ckpt), 0)), done)
+    thread.join(180)
+    assert killed, "the bucket finished before it could be killed"
+    (result,) = results
+    assert not isinstance(result, BaseException), result
+    assert_exactly_once(emu, records)
+    assert result.tasks[0].attempt >= 1  # bucket 0 was retried by Spark
+    assert result.tasks[0].already_done > 0  # and resumed its checkpoint
+    assert result.report.records == 400 and result.report.unsuccessful_total == 0
+
+
+def test_two_attempts_of_one_bucket_at_once_the_second_waits_and_sends_nothing_twice(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator
+) -> None:
+    emu = emulator(latency=0.02)
+    records = [inputs_record(f"run{i:04d}", f"ds{i:08d}") for i in range(150)]
+    lines = [(orjson.dumps(r).decode(), f"row {i}") for i, r in enumerate(records)]
+    ckpt = str(tmp_path / "ckpt")
+    job = BucketJob(settings(oci, emu, concurrency=2), ckpt, rate=None, lease_wait=60)
+    figures: dict[str, Any] = {}
+
+    def attempt(name: str, which: BucketJob) -> None:
+        try:
+            figures[name] = which.run(3, iter(lines))
+        except BaseException as exc:
+            figures[name] = exc
+
+    first = threading.Thread(target=attempt, args=("first", job))
+    first.start()
+    lease = Path(bucket_dir(ckpt, 3)) / "checkpoint"
+    deadline = time.monotonic() + 30
+    while not lease.is_file() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    impatient = BucketJob(job.settings, ckpt, rate=None, lease_wait=0.3)
+    attempt("impatient", impatient)
+    second = threading.Thread(target=attempt, args=("second", job))
+    second.start()
+    first.join(60)
+    second.join(60)
+
+    assert isinstance(figures["impatient"], CheckpointError)
+    message = str(figures["impatient"])
+    assert "held by another attempt of this bucket" in message and "pid=" in message
+    assert "\n" not in message
+    one, two = figures["first"], figures["second"]
+    assert one.succeeded == 150 and one.requests == emu.state.statuses[200]
+    assert (two.succeeded, two.already_done, two.requests) == (0, 150, 0)
+    assert two.lease_wait_s > 0
+    assert_exactly_once(emu, records)
+
+
+def test_the_fleet_keeps_under_the_servers_rate_limit(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    limit = 200.0
+    emu = emulator(rate_limit=limit)
+    records = [inputs_record(f"run{i:04d}", f"ds{i:08d}") for i in range(800)]
+    write_manifest(tmp_path / "runs.jsonl", records)
+    df = spark.read.text(str(tmp_path / "runs.jsonl"))
+    result = upload(df, settings(oci, emu, rate=limit), str(tmp_path / "ckpt"), buckets=2)
+    assert_exactly_once(emu, records)
+    assert [t.rate_limit for t in result.tasks] == [limit / 2, limit / 2]  # 2 at once
+    r = result.report
+    assert r.throttled == sum(t.throttled for t in result.tasks) == emu.state.statuses[429]
+    assert r.throttled < 0.02 * r.requests, (r.throttled, r.requests)
+
+
+def test_bad_lines_go_to_the_dead_letter_frame_with_their_file_and_line(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    good = [inputs_record(f"run{i:03d}", f"ds{i:08d}") for i in range(60)]
+    bad = [
+        b'{"run_id": "r-bad", oops',
+        orjson.dumps(inputs_record("-nope", "dsx")),
+        orjson.dumps({**inputs_record("r-typo", "dsy"), "dataset_input": []}),
+    ]
+    lines: list[Any] = [*good[:20], bad[0], *good[20:40], b"", bad[1], *good[40:], bad[2]]
+    manifest = write_manifest(tmp_path / "runs.jsonl", lines)
+    expected = {}
+    for number, line in enumerate(manifest.read_bytes().splitlines(), 1):
+        if line in bad:
+            rejection = parse_line(line, 0, "x")
+            assert not isinstance(rejection, batchlog.records.Record)
+            expected[f"{manifest}:{number}"] = (
+                line.decode(),
+                f"{rejection.field}: {rejection.reason}",
+            )
+    result = upload(
+        spark.read.text(str(manifest)), settings(oci, emu), str(tmp_path / "c"), buckets=3
+    )
+    assert_exactly_once(emu, good)
+    r = result.report
+    assert (r.records, r.succeeded, r.rejected, r.exit_code) == (63, 60, 3, 1)
+    rows = result.dead_letter.collect()
+    got = {row.source: (row.record, row.reason) for row in rows}
+    assert got == expected
+    assert {row.status for row in rows} == {"rejected"}
+
+
+def test_a_table_of_fields_as_columns_lands_exactly_once(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    records = mixed_records(1000, runs=150)
+    rows: list[tuple[Any, ...]] = []
+    for r in records:
+        if "model_json" in r:  # a string column holding the MLmodel JSON
+            rows.append(("log-model", r["run_id"], None, orjson.dumps(r["model_json"]).decode()))
+        else:
+            rows.append((None, r["run_id"], r["dataset_inputs"], None))
+    schema = (
+        "op string, run_id string, dataset_inputs array<struct<dataset: struct<name: string, "
+        "digest: string, source: string, source_type: string>, tags: array<struct<key: "
+        "string, value: string>>>>, model_json string"
+    )
+    df = spark.createDataFrame(rows, schema)
+    result = upload(df, settings(oci, emu), str(tmp_path / "ckpt"), buckets=4)
+    assert_exactly_once(emu, records)
+    assert (result.report.succeeded, result.report.unsuccessful_total) == (1000, 0)
+    sources = Path(bucket_dir(str(tmp_path / "ckpt"), 0), "sources.txt").read_text().split("\n")
+    assert all(s.startswith("row ") and len(s) >= 16 for s in sources if s)
+    assert set(expected_items(records)) == set(emu.state.applied_counts())
+
+
+def _plan(trees: int) -> list[dict[str, Any]]:
+    """Plan lines, parents first: each tree a root, a child and a grandchild."""
+    out: list[dict[str, Any]] = []
+    for t in range(trees):
+        chain = [f"root{t}", f"child{t}", f"grand{t}"]
+        for depth, run in enumerate(chain):
+            create = {"op": "create-run", "source_run_id": run, "experiment": "exp"}
+            if depth:
+                create["parent_source_run_id"] = chain[depth - 1]
+            out.append(create)
+        for run in reversed(chain):
+            out.append(
+                {"op": "log-batch", "source_run_id": run, "params": [{"key": "p", "value": run}]}
+            )
+            out.append({"op": "update-run", "source_run_id": run, "status": "FINISHED"})
+    return out
+
+
+def test_a_migration_plan_keeps_nested_runs_with_their_parents(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    plan = _plan(12)
+    loop = [  # a loop has no first run: rejected, naming the parent
+        {
+            "op": "create-run",
+            "source_run_id": "x",
+            "experiment": "exp",
+            "parent_source_run_id": "y",
+        },
+        {
+            "op": "create-run",
+            "source_run_id": "y",
+            "experiment": "exp",
+            "parent_source_run_id": "x",
+        },
+    ]
+    write_manifest(tmp_path / "plan.jsonl", [*plan, *loop])
+    df = spark.read.text(str(tmp_path / "plan.jsonl"))
+    ckpt = str(tmp_path / "ckpt")
+    result = upload(df, settings(oci, emu), ckpt, buckets=4)
+    r = result.report
+    assert (r.records, r.succeeded, r.failed, r.rejected) == (len(plan) + 2, len(plan), 0, 2)
+    assert emu.state.op_applied["runs/create"] == 36
+    tree_bucket: dict[str, int] = {}
+    for bucket in range(4):
+        records = Path(bucket_dir(ckpt, bucket), "records.jsonl")
+        for line in records.read_bytes().splitlines() if records.is_file() else []:
+            run = orjson.loads(line)["source_run_id"]
+            if run not in ("x", "y"):
+                assert (
+                    tree_bucket.setdefault(re.sub("^(root|child|grand)", "", run), bucket) == bucket
+                )
+    assert len(set(tree_bucket.values())) > 1  # the trees spread over buckets
+    dead = {row.source: row.reason for row in result.dead_letter.collect()}
+    assert set(dead) == {f"{tmp_path / 'plan.jsonl'}:{len(plan) + n}" for n in (1, 2)}
+    assert all(reason == f"parent_source_run_id: {NO_PARENT}" for reason in dead.values())
+
+    before = sent(emu)
+    upload(df, settings(oci, emu), ckpt, buckets=4)
+    assert sent(emu) == before
+
+
+def test_the_pickled_task_holds_no_key_material(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    passphrase = b"correct horse battery staple"
+    pem = oci.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+    key_file = tmp_path / "encrypted.pem"
+    key_file.write_bytes(pem)
+    key_file.chmod(0o600)
+    config = tmp_path / "config"
+    config.write_text(
+        f"[DEFAULT]\nuser={USER}\nfingerprint={FINGERPRINT}\ntenancy={TENANCY}\n"
+        f"region=us-ashburn-1\nkey_file={key_file}\npass_phrase={passphrase.decode()}\n"
+    )
+    emu = emulator()
+    creds = load_credentials("api_key", str(config), None)
+    target = batchlog.OciTarget(emu.url, PLATFORM, WORKSPACE)
+    job = BucketJob(batchlog.Settings(target=target, keys=creds.keys), str(tmp_path), None, 1)
+    pickled = CloudPickleSerializer().dumps(job)  # type: ignore[no-untyped-call]
+    body = b"".join(line for line in oci.key_pem.splitlines() if b"-----" not in line)
+    for secret in (passphrase, pem, oci.key_pem, body[:64], body[-64:]):
+        assert secret not in pickled
+    for line in pem.splitlines()[3:-1]:  # the encrypted PEM's body, line by line
+        assert len(line) < 20 or line not in pickled
+
+    records = [inputs_record(f"run{i}", f"ds{i:08d}") for i in range(20)]
+    write_manifest(tmp_path / "runs.jsonl", records)
+    df = spark.read.text(str(tmp_path / "runs.jsonl"))
+    result = upload(df, job.settings, str(tmp_path / "ckpt"), buckets=2)
+    assert result.report.succeeded == 20  # the executors loaded the key again
+    assert_exactly_once(emu, records)
+
+
+def test_object_storage_and_other_buckets_are_refused_before_any_task(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    write_manifest(tmp_path / "runs.jsonl", [inputs_record("r1", "ds00000001")])
+    df = spark.read.text(str(tmp_path / "runs.jsonl"))
+    with pytest.raises(ConfigurationError, match="object storage"):
+        upload(df, settings(oci, emu), "oci://bucket@ns/ckpt")
+    upload(df, settings(oci, emu), str(tmp_path / "ckpt"), buckets=2)
+    with pytest.raises(ConfigurationError, match="buckets=2, not 3"):
+        upload(df, settings(oci, emu), str(tmp_path / "ckpt"), buckets=3)
+    assert sent(emu) == 1
