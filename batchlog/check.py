@@ -34,7 +34,7 @@ from batchlog.manifest import (
     display_name,
     read_lines,
 )
-from batchlog.plan import Call, Grouper, GroupLimits
+from batchlog.plan import Call, Grouper, GroupLimits, outline
 from batchlog.planorder import PlanOrder
 from batchlog.records import Record, Rejection
 from batchlog.resolution import resolved_by
@@ -59,7 +59,8 @@ def check_manifests(
     grouping: GroupLimits | None = None,
 ) -> CheckSummary:
     check_readable(manifests)
-    grouper = Grouper(OciTarget("http://127.0.0.1", "check", "check"), grouping or GroupLimits())
+    target = OciTarget("http://127.0.0.1", "check", "check")
+    grouper = Grouper(target, grouping or GroupLimits(), form=outline)  # counted, not sent
     order = PlanOrder()
     planned = PlannedRequests(order)
     records = rejected = calls = 0

@@ -391,40 +391,86 @@ def _dataset_inputs(value: Any, name: str) -> list[dict[str, Any]]:
         raise Invalid(name, "nothing to log")
     out = []
     for i, item in enumerate(value):
-        path = f"{name}[{i}]"
-        if not isinstance(item, dict):
-            raise Invalid(path, f"expected an object, got {_kind(item)}")
-        _reject_unknown(item, INPUT_FIELDS, path)
-        dataset = item.get("dataset")
-        if dataset is None:
-            raise Invalid(path + ".dataset", "required")
-        if not isinstance(dataset, dict):
-            raise Invalid(path + ".dataset", f"expected an object, got {_kind(dataset)}")
-        _reject_unknown(dataset, DATASET_FIELDS, path + ".dataset")
-        for key in DATASET_REQUIRED:
-            if key not in dataset:
-                raise Invalid(f"{path}.dataset.{key}", "required")
-        for key, value_ in dataset.items():
-            if key.startswith("_"):
-                continue
-            _string(value_, f"{path}.dataset.{key}", DATASET_LIMITS[key])
-        tags = item.get("tags", [])
-        if not isinstance(tags, list):
-            raise Invalid(path + ".tags", f"expected an array, got {_kind(tags)}")
-        for j, tag in enumerate(tags):
-            tpath = f"{path}.tags[{j}]"
-            if not isinstance(tag, dict):
-                raise Invalid(tpath, f"expected an object, got {_kind(tag)}")
-            _reject_unknown(tag, TAG_FIELDS, tpath)
-            for key, limit in (("key", TAG_KEY_MAX), ("value", TAG_VALUE_MAX)):
-                if key not in tag:
-                    raise Invalid(f"{tpath}.{key}", "required")
-                _string(tag[key], f"{tpath}.{key}", limit)
-        clean: dict[str, Any] = {"dataset": _strip_notes(dataset)}
-        if "tags" in item:
-            clean["tags"] = [_strip_notes(t) for t in tags]
-        out.append(clean)
+        if _plain_input(item):  # most items: sent as they are, no field path made
+            clean = {"dataset": item["dataset"]}
+            if "tags" in item:
+                clean["tags"] = item["tags"]
+            out.append(clean)
+        else:  # a defect (named with its path) or notes (dropped)
+            out.append(_dataset_input(item, f"{name}[{i}]"))
     return out
+
+
+_INPUT_KEYS = frozenset(INPUT_FIELDS)
+_DATASET_KEYS = frozenset(DATASET_FIELDS)
+_DATASET_REQUIRED_KEYS = frozenset(DATASET_REQUIRED)
+_TAG_KEYS = frozenset(TAG_FIELDS)
+
+
+def _plain_input(item: Any) -> bool:
+    """True when ``_dataset_input`` would take ``item`` as it is: every field known and
+    present where required, each a string within its limit, and no notes. False sends it
+    the careful way, which names the field at fault (profiled: building a path for every
+    good field cost a third of `batchlog validate`)."""
+    if not isinstance(item, dict) or not item.keys() <= _INPUT_KEYS:
+        return False
+    dataset = item.get("dataset")
+    if not isinstance(dataset, dict) or not (
+        _DATASET_REQUIRED_KEYS <= dataset.keys() <= _DATASET_KEYS
+    ):
+        return False
+    for key, text in dataset.items():
+        if not isinstance(text, str) or len(text) > DATASET_LIMITS[key]:
+            return False
+    tags = item.get("tags", [])
+    if not isinstance(tags, list):
+        return False
+    for tag in tags:
+        if not isinstance(tag, dict) or tag.keys() != _TAG_KEYS:
+            return False
+        key, text = tag["key"], tag["value"]
+        if not isinstance(key, str) or len(key) > TAG_KEY_MAX:
+            return False
+        if not isinstance(text, str) or len(text) > TAG_VALUE_MAX:
+            return False
+    return True
+
+
+def _dataset_input(item: Any, path: str) -> dict[str, Any]:
+    """One dataset input, checked field by field: Invalid names the first field at fault
+    under ``path``; the input without its notes."""
+    if not isinstance(item, dict):
+        raise Invalid(path, f"expected an object, got {_kind(item)}")
+    _reject_unknown(item, INPUT_FIELDS, path)
+    dataset = item.get("dataset")
+    if dataset is None:
+        raise Invalid(path + ".dataset", "required")
+    if not isinstance(dataset, dict):
+        raise Invalid(path + ".dataset", f"expected an object, got {_kind(dataset)}")
+    _reject_unknown(dataset, DATASET_FIELDS, path + ".dataset")
+    for key in DATASET_REQUIRED:
+        if key not in dataset:
+            raise Invalid(f"{path}.dataset.{key}", "required")
+    for key, value_ in dataset.items():
+        if key.startswith("_"):
+            continue
+        _string(value_, f"{path}.dataset.{key}", DATASET_LIMITS[key])
+    tags = item.get("tags", [])
+    if not isinstance(tags, list):
+        raise Invalid(path + ".tags", f"expected an array, got {_kind(tags)}")
+    for j, tag in enumerate(tags):
+        tpath = f"{path}.tags[{j}]"
+        if not isinstance(tag, dict):
+            raise Invalid(tpath, f"expected an object, got {_kind(tag)}")
+        _reject_unknown(tag, TAG_FIELDS, tpath)
+        for key, limit in (("key", TAG_KEY_MAX), ("value", TAG_VALUE_MAX)):
+            if key not in tag:
+                raise Invalid(f"{tpath}.{key}", "required")
+            _string(tag[key], f"{tpath}.{key}", limit)
+    clean: dict[str, Any] = {"dataset": _strip_notes(dataset)}
+    if "tags" in item:
+        clean["tags"] = [_strip_notes(t) for t in tags]
+    return clean
 
 
 def _model_json(value: Any, line: str) -> str:

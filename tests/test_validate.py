@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchlog.emulator import EmulatorThread
 from batchlog.records import Record, Rejection
 from batchlog.validate import parse_line
-from tests.conftest import inputs_record, model_record
+from tests.conftest import (
+    Oci,
+    inputs_record,
+    mixed_records,
+    model_record,
+    run_cli,
+    upload_args,
+    write_manifest,
+)
 
 
 def parse(doc: object) -> Record | Rejection:
@@ -140,6 +150,93 @@ def test_tag_limits() -> None:
 def test_run_id_limit() -> None:
     assert isinstance(parse(inputs_record("a" * 256, "ds")), Record)
     assert rejected(inputs_record("a" * 257, "ds"))[0] == "run_id"
+
+
+def three_inputs(name: str = "dataset_inputs") -> dict[str, Any]:
+    """A log-inputs record of three dataset inputs, the third with two tags."""
+    rec = inputs_record("r1", "ds0")
+    rec["dataset_inputs"] += [inputs_record("r1", f"ds{i}")["dataset_inputs"][0] for i in (1, 2)]
+    rec["dataset_inputs"][2]["tags"].append({"key": "k2", "value": "v2"})
+    rec[name] = rec.pop("dataset_inputs")
+    return rec
+
+
+def _tag(rec: dict[str, Any]) -> dict[str, Any]:
+    tag: dict[str, Any] = rec["datasets" if "datasets" in rec else "dataset_inputs"][2]["tags"][1]
+    return tag
+
+
+def _dataset(rec: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = rec["datasets" if "datasets" in rec else "dataset_inputs"][2]
+    return item
+
+
+DEEP_DEFECTS: list[tuple[Callable[[dict[str, Any]], Any], str, str]] = [
+    (
+        lambda r: _tag(r).update(value="v" * 501),
+        ".tags[1].value",
+        "501 characters, more than the limit of 500",
+    ),
+    (lambda r: _tag(r).update(value=7), ".tags[1].value", "expected a string, got a number"),
+    (lambda r: _tag(r).pop("value"), ".tags[1].value", "required"),
+    (
+        lambda r: _tag(r).update(key="k" * 256),
+        ".tags[1].key",
+        "256 characters, more than the limit of 255",
+    ),
+    (lambda r: _tag(r).pop("key"), ".tags[1].key", "required"),
+    (lambda r: _tag(r).update(valu="x"), ".tags[1].valu", "unknown field (did you mean 'value'?)"),
+    (
+        lambda r: _dataset(r)["tags"].__setitem__(1, "x"),
+        ".tags[1]",
+        "expected an object, got a string",
+    ),
+    (lambda r: _dataset(r).update(tags={}), ".tags", "expected an array, got an object"),
+    (lambda r: _dataset(r).update(tag=[]), ".tag", "unknown field (did you mean 'tags'?)"),
+    (lambda r: _dataset(r).update(dataset=[]), ".dataset", "expected an object, got an array"),
+    (lambda r: _dataset(r).pop("dataset"), ".dataset", "required"),
+    (lambda r: _dataset(r)["dataset"].pop("digest"), ".dataset.digest", "required"),
+    (
+        lambda r: _dataset(r)["dataset"].update(schema=None),
+        ".dataset.schema",
+        "expected a string, got null",
+    ),
+    (
+        lambda r: _dataset(r)["dataset"].update(profile="p" * 16_777_216),
+        ".dataset.profile",
+        "16777216 characters, more than the limit of 16777215",
+    ),
+    (
+        lambda r: _dataset(r)["dataset"].update({"a key": 1}),
+        '.dataset["a key"]',
+        "unknown field",
+    ),
+]
+
+
+@pytest.mark.parametrize("name", ["dataset_inputs", "datasets"])
+@pytest.mark.parametrize(("spoil", "path", "reason"), DEEP_DEFECTS)
+def test_a_deep_field_is_named_by_its_whole_path(
+    name: str, spoil: Callable[[dict[str, Any]], Any], path: str, reason: str
+) -> None:
+    """The third dataset input's fields (its second tag's too): the message names that
+    input and that tag, with the array's own name, exactly."""
+    rec = three_inputs(name)
+    assert isinstance(parse(rec), Record)
+    spoil(rec)
+    assert rejected(rec) == (f"{name}[2]{path}", reason)
+
+
+def test_notes_deep_in_the_third_input_are_dropped_and_the_rest_kept() -> None:
+    rec = three_inputs()
+    clean = orjson.loads(orjson.dumps(rec["dataset_inputs"]))
+    rec["dataset_inputs"][2]["_n"] = 1
+    rec["dataset_inputs"][2]["dataset"]["_n"] = {"x": [1]}
+    rec["dataset_inputs"][2]["tags"][1]["_n"] = "note"
+    item = parse(rec)
+    assert isinstance(item, Record)
+    assert list(item.dataset_inputs) == clean
+    assert [list(d) for d in item.dataset_inputs] == [["dataset", "tags"]] * 3
 
 
 def model_line(model_json_text: str) -> bytes:
@@ -430,3 +527,22 @@ def test_validate_piped_to_head_stops_quietly(tmp_path: Path) -> None:
     proc.wait(60)
     assert proc.returncode == 141, err
     assert "internal error" not in err and "Traceback" not in err, err
+
+
+def test_validate_counts_exactly_the_requests_an_upload_sends(
+    tmp_path: Path, oci: Oci, emulator: Callable[..., EmulatorThread]
+) -> None:
+    """validate counts requests without forming them: the count must still be the
+    upload's, merges (by run, at most 100 datasets) and models in between included."""
+    one_run = [inputs_record("big", f"b{i:04d}") for i in range(150)]  # 100 + 50
+    three = three_inputs()
+    three["run_id"] = "big"  # merged with the ones before it
+    records = [*mixed_records(120, runs=25), *one_run, three, model_record("big", 1)]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    said = run_cli(["validate", str(manifest)])
+    assert said.returncode == 0, said.stderr
+    emu = emulator()
+    out = run_cli(upload_args(oci, emu, str(manifest)))
+    assert out.returncode == 0, out.stderr
+    sent = len(emu.state.retry_tokens)
+    assert f"{len(records)} records, 0 invalid, {sent} requests to send" in said.stderr
