@@ -251,6 +251,10 @@ class Journal:
             counts=Counts(point.counts.succeeded, point.counts.failed, point.counts.rejected),
             runs=dict(point.runs),
             found=set(point.found),
+            # restated by every commit and snapshot until this run writes the dead letter:
+            # a snapshot without them made a later resume set the dead letter aside
+            dead_letter_size=point.dead_letter_size,
+            dead_letter_id=point.dead_letter_id,
         )
         self._low = [m.records for m in point.marks]  # per manifest: first record not finished
         self._bounds: list[deque[Boundary]] = [deque() for _ in point.marks]  # passed, pending

@@ -13,12 +13,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import orjson
 import pytest
 
+from batchlog import job as job_module
 from batchlog.emulator import EmulatorThread
-from batchlog.journal import read_checkpoint
-from tests.conftest import Oci, mixed_records, run_cli, upload_args, write_manifest
+from batchlog.journal import read_checkpoint, unseal
+from batchlog.settings import Settings
+from batchlog.signing import StaticKey
+from batchlog.target import OciTarget
+from tests.conftest import (
+    KEY_ID,
+    PLATFORM,
+    WORKSPACE,
+    Oci,
+    mixed_records,
+    run_cli,
+    upload_args,
+    write_manifest,
+)
 from tests.test_upload import assert_exactly_once
 
 StartEmulator = Callable[..., EmulatorThread]
@@ -185,8 +201,87 @@ def test_a_full_disk_never_loses_a_dead_letter_line(
     assert_exactly_once(emu, good)
     dead = tmp_path / "m.dead-letter.jsonl"
     sources = [orjson.loads(line)["_error"]["source"] for line in dead.read_bytes().splitlines()]
-    assert len(sources) == len(set(sources)) == 1500, (len(sources), len(set(sources)))
-    assert "1,500 rejected" in run_cli(["status", str(tmp_path / "m.batchlog-checkpoint")]).stdout
+    checkpoint = tmp_path / "m.batchlog-checkpoint"
+    said = (len(sources), len(set(sources)), err[-300:], out.stderr[-600:])
+    assert len(sources) == len(set(sources)) == 1500, (*said, journal_story(checkpoint, dead))
+    assert "1,500 rejected" in run_cli(["status", str(checkpoint)]).stdout
+
+
+def journal_story(checkpoint: Path, dead: Path) -> str:
+    """For a failure message: the checkpoint's commits and snapshots (counts, dead-letter
+    size and identity), its damaged lines, and the dead letter's size and identity."""
+    lines = checkpoint.read_bytes().splitlines(keepends=True)
+    told = []
+    for number, line in enumerate(lines, 1):
+        doc = unseal(line)
+        if doc is None:
+            told.append(f"{number}: damaged {line[:40]!r}")
+        elif "commit" in doc:
+            told.append(f"{number}: commit {doc['commit']} dl={doc.get('dl')} {doc.get('dli')}")
+        elif "snap" in doc:
+            snap = doc["snap"]
+            told.append(f"{number}: snapshot n={snap['n']} dl={snap.get('dl')} {snap.get('dli')}")
+    st = dead.stat()
+    told = [*told[:5], "...", *told[-10:]] if len(told) > 15 else told
+    return f"dead letter {st.st_size} bytes {[st.st_dev, st.st_ino]}; " + "; ".join(told)
+
+
+def test_a_flush_caught_by_the_end_of_the_job_still_writes_what_it_took(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by forcing timings (the CI failure above, 1,104 of 1,500 lines): the periodic
+    flush took the pending dead-letter and journal lines, then waited for a worker thread
+    (a checkpoint); the job ended right then and cancelled it, and those lines were never
+    written. The last call was a log-model, which waits for no flush, so the job went on to
+    report them as finished and in the dead letter; the checkpoint and the dead letter
+    lacked them. Here the first flush holding dead-letter lines waits until the job ends."""
+    emu = emulator()
+    good = mixed_records(50, runs=50)  # the last one a log-model: no call waits for a flush
+    lines: list[Any] = []
+    for i, record in enumerate(good):
+        lines += [{"run_id": f"bad run {i}"}, record]
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    real_run_sync = anyio.to_thread.run_sync
+    ended = False  # the job's work is over: the flush loop is cancelled right after
+    held = False
+
+    async def slow_thread_start(func: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal held
+        if func is job_module._write_both and args[1] and not held:
+            held = True
+            for _ in range(2000):  # bounded: the job ends within seconds
+                if ended:
+                    break
+                await anyio.sleep(0.005)
+            await anyio.lowlevel.checkpoint()  # where the thread pool is entered
+        return await real_run_sync(func, *args, **kwargs)
+
+    real_settle = job_module.Job._settle_held
+
+    def settle_and_end(self: job_module.Job) -> None:
+        nonlocal ended
+        real_settle(self)
+        ended = True
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", slow_thread_start)
+    monkeypatch.setattr(job_module.Job, "_settle_held", settle_and_end)
+    settings = Settings(
+        target=OciTarget(emu.url, PLATFORM, WORKSPACE), keys=StaticKey(KEY_ID, oci.key)
+    )
+    report = anyio.run(job_module.upload, [str(manifest)], settings)
+    assert held and report.exit_code == 1 and report.rejected == 50
+    assert_exactly_once(emu, good)
+    checkpoint = tmp_path / "m.batchlog-checkpoint"
+    _, point = read_checkpoint(str(checkpoint))
+    dead = (tmp_path / "m.dead-letter.jsonl").read_bytes().splitlines()
+    commits = [
+        doc
+        for doc in map(unseal, checkpoint.read_bytes().splitlines(keepends=True))
+        if isinstance(doc, dict) and "commit" in doc
+    ]
+    said = (point.counts, point.finished, point.dead_letter_size, len(dead), commits[-3:])
+    assert point.finished == 100 and point.counts.rejected == 50, said
+    assert len(dead) == 50 and point.dead_letter_size == sum(len(x) + 1 for x in dead), said
 
 
 @pytest.mark.slow

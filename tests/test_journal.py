@@ -291,6 +291,33 @@ def test_resume_reads_only_the_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert read_bytes < 3 * journal_module.SNAPSHOT_EVERY < size
 
 
+def test_a_snapshot_in_a_resumed_run_keeps_the_dead_letter_it_accounts_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review of the full-disk loss: a resumed run's journal started without the
+    dead letter's size and identity, so a snapshot written before its first dead-letter
+    line restated neither; a later resume, finding the file longer than that, set the
+    whole dead letter aside (lines of records counted as finished with it) instead of
+    cutting it back."""
+    path = tmp_path / "c"
+    journal, point = open_(path)
+    read_all(journal, point, upto=2)
+    journal.finish([0], REJECTED)
+    journal.write(journal.pending_bytes(500, [7, 8]))
+    journal.close()
+    monkeypatch.setattr(journal_module, "SNAPSHOT_EVERY", 0)  # the next flush snapshots
+    journal, point = open_(path)
+    assert (point.dead_letter_size, point.dead_letter_id) == (500, [7, 8])
+    read_all(journal, point, upto=2)
+    journal.finish([1], 200)  # no dead-letter line in this flush
+    data = journal.pending_bytes()
+    assert b'{"snap":' in data
+    journal.write(data)
+    journal.close()
+    _, point = read_checkpoint(str(path))
+    assert (point.dead_letter_size, point.dead_letter_id) == (500, [7, 8])
+
+
 def test_another_target_or_manifest_list_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c"
     fill(path, [0])
