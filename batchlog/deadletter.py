@@ -179,9 +179,14 @@ class DeadLetter:
     def _open(self) -> BinaryIO:
         if self._file is None:
             parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
             created = not os.path.exists(self.path)
-            self._file = open(self.path, "ab", buffering=0)
+            try:
+                os.makedirs(parent, exist_ok=True)
+                self._file = open(self.path, "ab", buffering=0)
+            except OSError as exc:  # checked at the start; changed since, or a full disk
+                raise DeadLetterError(
+                    f"cannot create dead-letter file {self.path}: {exc.strerror or exc}"
+                ) from None
             self.size = self._file.seek(0, os.SEEK_END)
             if created:
                 durable.sync_directory(parent)  # the file's name survives a power cut

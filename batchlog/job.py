@@ -1228,11 +1228,11 @@ class Job:
         assert self._journal is not None and self._dead is not None
         written, self._flushed = self._flushed, anyio.Event()
         dead_data = self._dead.pending_bytes()
-        identity = self._dead.open_now() if dead_data else None
-        journal_data = self._journal.pending_bytes(
-            self._dead.size + len(dead_data), list(identity) if identity else None
-        )
         try:
+            identity = self._dead.open_now() if dead_data else None
+            journal_data = self._journal.pending_bytes(
+                self._dead.size + len(dead_data), list(identity) if identity else None
+            )
             await anyio.to_thread.run_sync(
                 _write_both, self._dead, dead_data, self._journal, journal_data
             )

@@ -451,3 +451,41 @@ def test_a_rehearsals_and_a_real_jobs_dead_letters_never_resolve_each_other(
     assert run_cli(upload_args(oci, emu, str(real))).returncode == 0
     assert run_cli(upload_args(oci, emu, str(manifest))).returncode == 0
     assert emulate(manifest).returncode == 1  # the rehearsal's checkpoint is the real one's
+
+
+def test_a_dead_letter_that_cannot_be_created_mid_job_is_named_not_a_bug(
+    tmp_path: Path, oci: Oci, emulator: Callable[..., EmulatorThread]
+) -> None:
+    """Found by review: the dead letter is created at the first failure; when that fails
+    (its folder replaced by a file, a full disk) the job ended as "a bug in batchlog"."""
+    import os
+    import sys
+    import time
+
+    emu = emulator()
+    folder = tmp_path / "out"
+    args = upload_args(oci, emu, "--dead-letter", str(folder / "dl.jsonl"), "--checkpoint")
+    args += [str(tmp_path / "ck"), "-"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCI_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchlog", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdin is not None
+    good = [inputs_record(f"run{i}", f"ds{i}") for i in range(3)]
+    proc.stdin.write("".join(json.dumps(r) + "\n" for r in good))
+    proc.stdin.flush()
+    for _ in range(300):  # bounded: the three land within seconds
+        if len(emu.state.applied_counts()) == 3:
+            break
+        time.sleep(0.05)
+    folder.write_text("not a folder")  # after the start's check: the first failure finds it
+    _, err = proc.communicate(json.dumps({"run_id": "bad run"}) + "\n", timeout=60)
+    assert proc.returncode == 3, err
+    assert "dead-letter file" in err and str(folder / "dl.jsonl") in err, err
+    assert "bug" not in err, err
+    assert_exactly_once(emu, good)
