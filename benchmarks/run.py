@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--quick] [--only SCENARIO ...] [--markdown FILE]
                              [--requests N] [--client-cores LIST] [--no-pin]
+                             [--trace-rate DIR]
 
 (--quick: one scenario in under 2 minutes. Where CPU goes inside batchlog: hotpath.py.)
 
@@ -48,6 +49,16 @@ PY = sys.executable
 PLATFORM = "ocid1.aidataplatform.oc1..bench"  # clients.py's defaults
 WORKSPACE = "bench"
 debug: list[str] = []  # every client's raw figures, printed on stderr at the end
+trace_dir: Path | None = None  # --trace-rate: batchlog clients' controller traces go here
+# runs clients.py with the adaptive controller's debug trace (one line per decision) on
+TRACING = (
+    "import logging, runpy, sys\n"
+    "logging.basicConfig(level=logging.WARNING, format='%(relativeCreated)d %(message)s')\n"
+    "logging.getLogger('batchlog.ratecontrol').setLevel(logging.DEBUG)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "sys.path.insert(0, sys.argv[0].rpartition('/')[0])\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 class Workdir:
@@ -117,12 +128,15 @@ class EmulatorProcess:
 def client(
     work: Workdir, name: str, emu: EmulatorProcess, manifest: Path, *extra: str
 ) -> dict[str, Any]:
-    out = subprocess.run(
-        clients_py(work, name, emu, manifest, *extra),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    cmd = clients_py(work, name, emu, manifest, *extra)
+    traced = trace_dir is not None and name == "batchlog"
+    if traced:
+        cmd[1:1] = ["-c", TRACING]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if traced and trace_dir is not None:
+        log = trace_dir / f"{manifest.stem}-{uuid.uuid4().hex[:6]}.log"
+        log.write_text(out.stderr)
+        print(f"[rate trace: {log}]", file=sys.stderr)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     result: dict[str, Any] = orjson.loads(out.stdout.strip().splitlines()[-1])
@@ -802,7 +816,17 @@ def main() -> None:
         help="taskset core list for the clients (default: all but core 0, the server's)",
     )
     p.add_argument("--no-pin", action="store_true", help="run nothing pinned")
+    p.add_argument(
+        "--trace-rate",
+        metavar="DIR",
+        help="write the adaptive controller's decisions (debug log) of each batchlog client "
+        "run by ratelimit, throttled, merging, memory and journal to a file in DIR",
+    )
     a = p.parse_args()
+    if a.trace_rate:
+        global trace_dir
+        trace_dir = Path(a.trace_rate)
+        trace_dir.mkdir(parents=True, exist_ok=True)
     only = set(a.only or SCENARIOS)
     q = a.quick
     n_requests = a.requests or (1000 if q else 3000)
