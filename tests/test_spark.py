@@ -40,6 +40,7 @@ from tests.conftest import (
     expected_items,
     inputs_record,
     mixed_records,
+    model_record,
     write_manifest,
 )
 from tests.test_upload import assert_exactly_once
@@ -402,3 +403,174 @@ def test_object_storage_and_other_buckets_are_refused_before_any_task(
     with pytest.raises(ConfigurationError, match="buckets=2, not 3"):
         upload(df, settings(oci, emu), str(tmp_path / "ckpt"), buckets=3)
     assert sent(emu) == 1
+    # an input now empty is refused too (its bucket held a record), and each bucket ran
+    write_manifest(tmp_path / "none.jsonl", [])
+    empty = spark.read.text(str(tmp_path / "none.jsonl"))
+    with pytest.raises(CheckpointError, match="holds other records"):
+        upload(empty, settings(oci, emu), str(tmp_path / "ckpt"), buckets=2)
+    nothing = upload(empty, settings(oci, emu), str(tmp_path / "new"), buckets=2)
+    assert [(t.bucket, t.records) for t in nothing.tasks] == [(0, 0), (1, 0)]
+    assert sent(emu) == 1
+
+
+def _models_in_bucket_order(ckpt: Path, buckets: int) -> dict[str, list[str]]:
+    """Each run's model artifact paths in the order its bucket's records.jsonl holds them
+    (batchlog sends a run's log-models in no promised order: the bucket's order is
+    what order_by sets)."""
+    runs: dict[str, list[str]] = {}
+    for bucket in range(buckets):
+        for line in Path(bucket_dir(str(ckpt), bucket), "records.jsonl").read_bytes().splitlines():
+            doc = orjson.loads(line)
+            model = doc["model_json"]  # a string column stays a string
+            model = orjson.loads(model) if isinstance(model, str) else model
+            runs.setdefault(doc["run_id"], []).append(model["artifact_path"])
+    return runs
+
+
+def test_order_by_columns_order_a_table_and_stay_out_of_the_record(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    records = [model_record(f"run{r}", n) for r in range(6) for n in range(3)]
+    rows = [  # given newest first: logged_at puts each run's models back in order
+        ("log-model", rec["run_id"], orjson.dumps(rec["model_json"]).decode(), 1000 + i)
+        for i, rec in enumerate(records)
+    ][::-1]
+    df = spark.createDataFrame(rows, "op string, run_id string, model_json string, logged_at long")
+    ckpt = tmp_path / "ckpt"
+    result = upload(df, settings(oci, emu), str(ckpt), buckets=2, order_by=["logged_at"])
+    assert (result.report.succeeded, result.report.unsuccessful_total) == (18, 0)
+    assert_exactly_once(emu, records)
+    in_order = ["model0", "model1", "model2"]
+    assert _models_in_bucket_order(ckpt, 2) == {f"run{r}": in_order for r in range(6)}
+    text = spark.createDataFrame(  # text lines and an order column: the lines alone are sent
+        [(orjson.dumps(rec).decode(), -i) for i, rec in enumerate(records)], "value string, at long"
+    )
+    emu2 = emulator()
+    upload(text, settings(oci, emu2), str(tmp_path / "ckpt2"), buckets=2, order_by=["at"])
+    assert_exactly_once(emu2, records)
+    backwards = in_order[::-1]
+    assert _models_in_bucket_order(tmp_path / "ckpt2", 2) == {
+        f"run{r}": backwards for r in range(6)
+    }
+
+
+def test_a_tasks_log_names_the_inputs_source_not_the_bucket_file(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    emu = emulator(known_runs=frozenset({"run1", "run2"}))  # run9 does not exist: a 404
+    lines = [
+        (orjson.dumps(inputs_record("run1", "ds00000001")).decode(), "/in/a.jsonl:7"),
+        ('{"run_id": "run2", oops', "/in/a.jsonl:8"),
+        (orjson.dumps(inputs_record("run9", "ds00000009")).decode(), "row 0123456789ab"),
+    ]
+    job = BucketJob(settings(oci, emu), str(tmp_path / "ckpt"), rate=None, lease_wait=5)
+    with caplog.at_level("WARNING", logger="batchlog"):
+        figures = job.run(0, iter(lines))
+    assert (figures.succeeded, figures.rejected, figures.failed) == (1, 1, 1)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("/in/a.jsonl:8: ") for m in logged), logged
+    assert any(m.startswith("row 0123456789ab: 404") for m in logged), logged
+    assert not any("records.jsonl" in m for m in logged), logged
+    sources = {getattr(r, "batchlog_failure", {}).get("source") for r in caplog.records}
+    assert {"/in/a.jsonl:8", "row 0123456789ab"} <= sources
+    # the bucket's own dead letter still names its records.jsonl lines (the frame reads them)
+    dead = Path(bucket_dir(str(tmp_path / "ckpt"), 0), "dead-letter.jsonl").read_bytes()
+    assert b"records.jsonl:2" in dead and b"records.jsonl:3" in dead
+
+
+def test_a_wrong_key_fails_the_call_in_one_line_and_the_right_key_then_sends_all_once(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other_pem = other.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / "other.pem").write_bytes(other_pem)
+    (tmp_path / "other.pem").chmod(0o600)
+    wrong = tmp_path / "wrong_config"
+    wrong.write_text(
+        oci.config.read_text().replace(
+            str(tmp_path / "oci_api_key.pem"), str(tmp_path / "other.pem")
+        )
+    )
+    emu = emulator()
+    records = [inputs_record(f"run{i:03d}", f"ds{i:08d}") for i in range(60)]
+    write_manifest(tmp_path / "runs.jsonl", records)
+    df = spark.read.text(str(tmp_path / "runs.jsonl"))
+    ckpt = str(tmp_path / "ckpt")
+    creds = load_credentials("api_key", str(wrong), None)
+    bad = batchlog.Settings(
+        target=batchlog.OciTarget(emu.url, PLATFORM, WORKSPACE), keys=creds.keys
+    )
+    with pytest.raises(batchlog.errors.SystemicError) as caught:
+        upload(df, bad, ckpt, buckets=2)
+    message = str(caught.value)
+    assert "401" in message and "bucket" in message, message
+    assert "\n" not in message and "java" not in message.lower() and "Traceback" not in message
+    body = b"".join(line for line in other_pem.splitlines() if b"-----" not in line)
+    assert body[:40].decode() not in message and "PRIVATE KEY" not in message
+    assert emu.state.applied == 0 and emu.state.statuses[401] > 0
+
+    result = upload(df, settings(oci, emu), ckpt, buckets=2)
+    assert (result.report.succeeded, result.report.unsuccessful_total) == (60, 0)
+    assert_exactly_once(emu, records)
+
+
+def test_a_json_string_dataset_inputs_column_lands_exactly_once(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    records = [inputs_record(f"run{i % 7}", f"ds{i:08d}") for i in range(40)]
+    rows = [(r["run_id"], orjson.dumps(r["dataset_inputs"]).decode()) for r in records]
+    df = spark.createDataFrame(rows, "run_id string, dataset_inputs string")
+    result = upload(df, settings(oci, emu), str(tmp_path / "ckpt"), buckets=2)
+    assert (result.report.succeeded, result.report.unsuccessful_total) == (40, 0)
+    assert_exactly_once(emu, records)
+
+
+def test_parent_chains_are_resolved_only_when_a_line_may_name_a_parent(
+    tmp_path: Path,
+    oci: Oci,
+    emulator: StartEmulator,
+    spark: SparkSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import batchlog.spark.inputs as inputs
+
+    calls: list[int] = []
+    resolve = inputs._roots
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return resolve(*args)
+
+    monkeypatch.setattr(inputs, "_roots", counted)
+    emu = emulator()
+    records = [inputs_record(f"run{i}", f"ds{i:08d}") for i in range(30)]
+    write_manifest(tmp_path / "runs.jsonl", records)
+    upload(spark.read.text(str(tmp_path / "runs.jsonl")), settings(oci, emu), str(tmp_path / "a"))
+    table = spark.createDataFrame(
+        [(r["run_id"], orjson.dumps(r["dataset_inputs"]).decode()) for r in records],
+        "run_id string, dataset_inputs string",
+    )
+    upload(table, settings(oci, emu), str(tmp_path / "b"))
+    assert calls == []  # no line names a parent: no pass to find roots
+    assert_exactly_once(emu, records)
+
+    # a key spelled with a \u escape still names the parent: the child goes with it
+    plan = _plan(3)
+    lines = [
+        orjson.dumps(p).replace(b'"parent_source_run_id"', b'"parent\\u005fsource_run_id"')
+        for p in plan
+    ]
+    write_manifest(tmp_path / "plan.jsonl", lines)
+    result = upload(
+        spark.read.text(str(tmp_path / "plan.jsonl")), settings(oci, emu), str(tmp_path / "c")
+    )
+    assert calls == [1]
+    assert (result.report.succeeded, result.report.unsuccessful_total) == (len(plan), 0)

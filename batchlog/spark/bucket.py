@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from batchlog import durable
 from batchlog.errors import CheckpointError, SystemicError
@@ -79,10 +81,8 @@ class BucketJob:
     lease_wait: float  # seconds a second attempt waits for the lease before failing
     restart: str = ""  # the upload call's id when it restarts every bucket ("": resume)
 
-    def __call__(
-        self, bucket: int, rows: Iterable[tuple[Any, tuple[str, str]]]
-    ) -> Iterator[TaskFigures]:
-        yield self.run(bucket, (value for _, value in rows))
+    def __call__(self, bucket: int, rows: Iterable[tuple[int, str, str]]) -> Iterator[TaskFigures]:
+        yield self.run(bucket, _of_bucket(bucket, rows))
 
     def run(self, bucket: int, lines: Iterable[tuple[str, str]]) -> TaskFigures:
         folder = bucket_dir(self.checkpoint_dir, bucket)
@@ -112,7 +112,13 @@ class BucketJob:
             rate=self.rate,
             restart=False,  # a restart is done once per call, by _restart_once
         )
-        report = anyio.run(upload, [os.path.join(folder, RECORDS)], settings)
+        named = SourceNames(folder)
+        log = logging.getLogger("batchlog")
+        log.addFilter(named)
+        try:
+            report = anyio.run(upload, [os.path.join(folder, RECORDS)], settings)
+        finally:
+            log.removeFilter(named)
         if report.status != "completed":  # a systemic stop: the task fails, Spark retries
             raise SystemicError(f"bucket {bucket}: {report.message or report.status}")
         return TaskFigures(
@@ -134,6 +140,47 @@ class BucketJob:
             failed_total=report.failed_total,
             rejected_total=report.rejected_total,
         )
+
+
+def _of_bucket(bucket: int, rows: Iterable[tuple[int, str, str]]) -> Iterator[tuple[str, str]]:
+    """(line, source) of each row (bucket, line, source) of partition ``bucket``, which
+    holds that bucket's rows only: a row of another would go to the wrong checkpoint."""
+    for of, line, source in rows:
+        if of != bucket:
+            raise SystemicError(
+                f"partition {bucket} holds a line of bucket {of}: Spark did not partition "
+                "as batchlog.spark expects (a bug: please report it with your Spark version)"
+            )
+        yield line, source
+
+
+class SourceNames(logging.Filter):
+    """The task's log lines name where a record came from (``sources.txt``: the input's
+    FILE:LINE or ``row KEY``), not the line of ``records.jsonl`` batchlog was given. The
+    bucket's dead letter keeps naming that line: the dead-letter frame reads it."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+        self._place = re.compile(re.escape(os.path.join(folder, RECORDS)) + r":(\d+)")
+        self._sources: list[str] | None = None  # read at the first line that needs it
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self._place.search(message):
+            record.msg, record.args = self._place.sub(self._name, message), None
+        failure = getattr(record, "batchlog_failure", None)
+        if isinstance(failure, dict) and isinstance(failure.get("source"), str):
+            source = self._place.sub(self._name, failure["source"])
+            record.batchlog_failure = {**failure, "source": source}  # not the dead letter's
+        return True
+
+    def _name(self, found: re.Match[str]) -> str:
+        if self._sources is None:
+            with open(os.path.join(self.folder, SOURCES), encoding="utf-8", errors="replace") as f:
+                self._sources = f.read().splitlines()
+        number = int(found.group(1))
+        return self._sources[number - 1] if 0 < number <= len(self._sources) else found[0]
 
 
 def _attempt() -> tuple[int, str]:

@@ -1,18 +1,26 @@
 """A DataFrame in, each bucket's lines out: in their order, with their sources.
 
 Two kinds of DataFrame: one string column of manifest lines (``spark.read.text`` gives
-``value``), or the manifest's fields as columns. Each row becomes one manifest line, with
-its source (``FILE:LINE`` where Spark read it from a file, else ``row KEY``), an order key
-and the bucket of its run. Nothing but a few figures per input file reaches the driver.
+``value``), or the manifest's fields as columns; either may have ``order_by`` columns
+besides, which order the rows and are left out of the line unless they are manifest
+fields. Each row becomes one manifest line, with its source (``FILE:LINE`` where Spark
+read it from a file, else ``row KEY``), an order key and the bucket of its run. Nothing
+but a few figures per input file reaches the driver.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from batchlog.planfields import CREATE_RUN_FIELDS, LOG_BATCH_FIELDS, UPDATE_RUN_FIELDS
+from batchlog.validate import RECORD_FIELDS
 
 if TYPE_CHECKING:
     from pyspark import RDD
@@ -22,40 +30,98 @@ LINE = "__batchlog_line"
 SOURCE = "__batchlog_source"
 ID = "__batchlog_id"
 FILE = "__batchlog_file"
-NUMBER = "__batchlog_number"
 BUCKET = "__batchlog_bucket"
 ROOT = "__batchlog_root"
 PARTITION_BITS = 33  # monotonically_increasing_id: partition index << 33 | row index
 MAX_ROUNDS = 40  # of pointer doubling: a parent chain of 2**40 runs is never reached
 JSON_FIELDS = ("dataset_inputs", "datasets", "params", "metrics", "tags")  # JSON if a string
+MANIFEST_FIELDS = frozenset(
+    (*RECORD_FIELDS, *CREATE_RUN_FIELDS, *LOG_BATCH_FIELDS, *UPDATE_RUN_FIELDS, "source_run_id")
+)
+PARENT = "parent_source_run_id"
 
-Keyed = tuple[tuple[int, tuple[Any, ...]], tuple[str, str]]
+Bucketed = tuple[int, str, str]  # (bucket, line, source)
+SEED = 42  # of Spark's Murmur3Hash, which HashPartitioning uses
+_M32 = 0xFFFFFFFF
+_FILE_URL = re.compile("^file:(//)?")
 
 
-def bucketed(df: DataFrame, buckets: int, order_by: Sequence[str] | None) -> RDD[Keyed]:
-    """The rows of ``df`` as ((bucket, order key), (line, source)), partition N holding
-    bucket N's lines sorted by their order key (spilled to disk as Spark sorts)."""
-    lines, order = as_lines(df, order_by)
-    keyed = with_buckets(lines, buckets)
-    rdd = keyed.select(BUCKET, *order, LINE, SOURCE).rdd.map(_keyed)
-    # the key is a tuple, which pyspark's stubs do not count as ordered
-    return rdd.repartitionAndSortWithinPartitions(  # type: ignore[type-var]
-        buckets, partitionFunc=_bucket_of, ascending=True, keyfunc=_same
+def bucketed(df: DataFrame, buckets: int, order_by: Sequence[str] | None) -> RDD[Bucketed]:
+    """The rows of ``df`` as (bucket, line, source), partition N holding bucket N's lines
+    sorted by their order key. Spark shuffles and sorts them (spilling to disk as it
+    sorts); Python sees each line once, in its bucket's task."""
+    from pyspark.sql import functions as F
+
+    lines = as_lines(df, order_by)
+    keyed = with_buckets(lines.frame, buckets, lines.nested)
+    # repartition sends a row to partition pmod(murmur3(key), n): keyed by a number that
+    # goes to partition N, bucket N's rows are partition N's (the task checks each row)
+    key = F.element_at(F.lit(partition_keys(buckets)), F.col(BUCKET) + 1)
+    rows = (
+        keyed.repartition(buckets, key)
+        .sortWithinPartitions(*[F.asc_nulls_last(name) for name in lines.order])
+        .select(BUCKET, LINE, SOURCE, FILE, ID)
+        .rdd
     )
+    if rows.getNumPartitions() == 0:  # adaptive execution leaves an empty input none
+        rows = df.sparkSession.sparkContext.parallelize([], buckets)  # every bucket is run
+    return rows.map(lines.sources)
 
 
-def _keyed(row: Any) -> Keyed:
-    # (is null, value): None sorts first and is never compared with a value
-    order = tuple((value is None, value) for value in row[1:-2])
-    return (row[0], order), (row[-2], row[-1])
+@dataclass(frozen=True)
+class Lines:
+    frame: DataFrame  # LINE, SOURCE (null: FILE:LINE, named by ``sources``), FILE, ID, order
+    order: list[str]  # the columns that order a bucket's lines
+    nested: bool | None  # may a create-run line name a parent? (None: not looked at)
+    sources: Sources
 
 
-def _bucket_of(key: tuple[int, tuple[Any, ...]]) -> int:
-    return key[0]
+@dataclass(frozen=True)
+class Sources:
+    """(bucket, line, source) of a row (BUCKET, LINE, SOURCE, FILE, ID): a null SOURCE is
+    ``FILE:LINE``, the line's number being its split's number of its first line plus its
+    index in the split (the ID's low bits). Run in the task, on the way in."""
+
+    starts: dict[tuple[str, int], tuple[str, int]]  # (file, partition) -> (shown, number - id)
+
+    def __call__(self, row: Any) -> Bucketed:
+        bucket, line, source, file, at = row
+        if source is None:
+            shown, start = self.starts[(file, at >> PARTITION_BITS)]
+            source = f"{shown}:{start + at}"
+        return bucket, line, source
 
 
-def _same(key: tuple[int, tuple[Any, ...]]) -> tuple[int, tuple[Any, ...]]:
-    return key
+@functools.cache
+def partition_keys(buckets: int) -> list[int]:
+    """For each partition N of ``buckets``, the least number ``repartition`` sends there
+    (about buckets * ln(buckets) tries)."""
+    keys: list[int | None] = [None] * buckets
+    left, number = buckets, 0
+    while left:
+        at = _murmur3_int(number) % buckets  # Python's % of a negative: Spark's pmod
+        if keys[at] is None:
+            keys[at] = number
+            left -= 1
+        number += 1
+    return [k for k in keys if k is not None]
+
+
+def _murmur3_int(value: int) -> int:
+    """Spark's Murmur3Hash of one int column (Murmur3_x86_32.hashInt, seed 42), signed."""
+
+    def rotl(x: int, r: int) -> int:
+        return ((x << r) | (x >> (32 - r))) & _M32
+
+    k1 = rotl((value * 0xCC9E2D51) & _M32, 15) * 0x1B873593 & _M32
+    h1 = (rotl(SEED ^ k1, 13) * 5 + 0xE6546B64) & _M32
+    h1 ^= 4
+    h1 ^= h1 >> 16
+    h1 = (h1 * 0x85EBCA6B) & _M32
+    h1 ^= h1 >> 13
+    h1 = (h1 * 0xC2B2AE35) & _M32
+    h1 ^= h1 >> 16
+    return h1 - (1 << 32) if h1 & 0x80000000 else h1
 
 
 def is_text(df: DataFrame) -> bool:
@@ -65,9 +131,9 @@ def is_text(df: DataFrame) -> bool:
     return len(fields) == 1 and isinstance(fields[0].dataType, StringType)
 
 
-def as_lines(df: DataFrame, order_by: Sequence[str] | None) -> tuple[DataFrame, list[str]]:
-    """``df`` as (LINE, SOURCE, order columns...) and the names of the order columns;
-    blank lines left out (as batchlog skips them), after they were counted."""
+def as_lines(df: DataFrame, order_by: Sequence[str] | None) -> Lines:
+    """``df`` as lines, blank ones left out (as batchlog skips them) after they were
+    counted."""
     from pyspark.sql import functions as F
 
     from batchlog.errors import ConfigurationError
@@ -76,64 +142,77 @@ def as_lines(df: DataFrame, order_by: Sequence[str] | None) -> tuple[DataFrame, 
     if missing:
         raise ConfigurationError(f"order_by: no column {missing[0]!r} in the DataFrame")
     order = list(order_by or ())
-    if is_text(df):
+    # an order column that is no manifest field orders the rows and is not sent
+    kept = [c for c in df.columns if c not in order or c in MANIFEST_FIELDS]
+    fields = df if is_text(df) else df.select(*kept)
+    if is_text(fields):
         text = df.select(
-            F.col(df.columns[0]).alias(LINE),
-            *[F.col(name) for name in order if name != df.columns[0]],
+            F.col(fields.columns[0]).alias(LINE),
+            *[F.col(name) for name in order if name != fields.columns[0]],
             F.input_file_name().alias(FILE),
             F.monotonically_increasing_id().alias(ID),
         )
         if not order:
             return _numbered(text)
+        nested: bool | None = None
     else:
-        line = F.udf(_line_of_row, "string")(F.struct(*[F.col(c) for c in df.columns]))
-        text = df.select(line.alias(LINE), *order, F.monotonically_increasing_id().alias(ID))
+        line = F.udf(_line_of_row, "string")(F.struct(*[F.col(c) for c in fields.columns]))
+        text = df.select(
+            line.alias(LINE),
+            *order,
+            F.lit(None).cast("string").alias(FILE),
+            F.monotonically_increasing_id().alias(ID),
+        )
+        nested = PARENT in fields.columns  # the line's keys are these columns
     text = text.where(F.col(LINE).isNotNull() & (F.trim(F.col(LINE)) != ""))
-    return _row_keyed(text, [*order, ID]), [*order, ID]
+    return Lines(_row_keyed(text, [*order, ID]), [*order, ID], nested, Sources({}))
 
 
-def _numbered(text: DataFrame) -> tuple[DataFrame, list[str]]:
-    """Lines read from files, with their FILE:LINE. A line's number is the lines of its file
-    in earlier partitions plus its index in its own: the driver gets (file, partition,
-    count, first id) per split, a few rows per file.
+def _may_name_a_parent() -> Column:
+    """True for a line that may be a create-run naming a parent: one that holds the key's
+    name, or any \\u escape (a key may be spelled with them). A cheap test, no JSON read."""
+    from pyspark.sql import functions as F
+
+    return F.col(LINE).contains(PARENT) | F.col(LINE).contains("\\u")
+
+
+def _numbered(text: DataFrame) -> Lines:
+    """Lines read from files, in file order, named FILE:LINE as they reach their task. A
+    line's number is the lines of its file in earlier partitions plus its index in its
+    own: the driver gets (file, partition, count, first id) per split, a few rows per
+    file. The same pass tells whether any line may name a parent run (``with_buckets``
+    needs to find roots only then).
 
     This relies on FileScan giving a file's splits in file order: Spark sorts the splits by
     size, descending and stably, and all but a file's last split have the same size, which
-    keeps them in order, the last one after them. Lines not read from a file (an empty
-    input_file_name) get a row key instead."""
+    keeps them in order, the last one after them (so the ID orders a file's lines too).
+    Lines not read from a file (an empty input_file_name) get a row key instead."""
     from pyspark.sql import functions as F
 
     part = F.shiftright(F.col(ID), PARTITION_BITS).alias("part")
     splits = (
-        text.groupBy(FILE, part).agg(F.count("*").alias("n"), F.min(ID).alias("first")).collect()
+        text.groupBy(FILE, part)
+        .agg(
+            F.count("*").alias("n"),
+            F.min(ID).alias("first"),
+            F.max(_may_name_a_parent()).alias("nested"),
+        )
+        .collect()
     )
-    offsets: list[tuple[str, int, int, int]] = []
+    starts: dict[tuple[str, int], tuple[str, int]] = {}
     seen: dict[str, int] = {}
     for row in sorted(splits, key=lambda r: (r[FILE], r["part"])):
         before = seen.get(row[FILE], 0)
-        offsets.append((row[FILE], row["part"], before, row["first"]))
+        shown = _FILE_URL.sub("", row[FILE])  # file:///x -> /x
+        starts[(row[FILE], row["part"])] = (shown, before - row["first"] + 1)
         seen[row[FILE]] = before + row["n"]
-    session = text.sparkSession
-    table = session.createDataFrame(offsets, f"{FILE} string, part long, offset long, first long")
-    numbered = (
-        text.withColumn("part", F.shiftright(F.col(ID), PARTITION_BITS))
-        .join(F.broadcast(table), [FILE, "part"])
-        .withColumn(NUMBER, F.col("offset") + F.col(ID) - F.col("first") + 1)
-        .where(F.col(LINE).isNotNull() & (F.trim(F.col(LINE)) != ""))
-    )
+    lines = text.where(F.col(LINE).isNotNull() & (F.trim(F.col(LINE)) != ""))
     if "" in seen:  # not (all) from files: those rows get a row key
-        numbered = _row_keyed(numbered, [ID], only_unnamed=True)
-        source = F.when(F.col(FILE) != "", _file_line()).otherwise(F.col(SOURCE))
+        lines = _row_keyed(lines, [ID], only_unnamed=True)
     else:
-        source = _file_line()
-    return numbered.withColumn(SOURCE, source), [FILE, NUMBER]
-
-
-def _file_line() -> Column:
-    from pyspark.sql import functions as F
-
-    shown = F.regexp_replace(F.col(FILE), "^file:(//)?", "")  # file:///x -> /x
-    return F.concat(shown, F.lit(":"), F.col(NUMBER).cast("string"))
+        lines = lines.withColumn(SOURCE, F.lit(None).cast("string"))
+    nested = any(row["nested"] for row in splits)
+    return Lines(lines, [FILE, ID], nested, Sources(starts))
 
 
 def _row_keyed(text: DataFrame, order: list[str], only_unnamed: bool = False) -> DataFrame:
@@ -178,24 +257,30 @@ def _json_default(value: object) -> object:
     raise TypeError(f"a {type(value).__name__} value has no JSON form")
 
 
-def with_buckets(lines: DataFrame, buckets: int) -> DataFrame:
+def with_buckets(lines: DataFrame, buckets: int, nested: bool | None = None) -> DataFrame:
     """``lines`` with the bucket of each: a stable hash (CRC-32) of its run key mod
     ``buckets``. The run key is the line's ``run_id``; for a migration plan's line (which
     names its run by ``source_run_id``) the root of its run's parent chain, so that a
     nested run goes with its parents, whose create-run must come first in the same job.
-    A line that names no run goes by its own text."""
+    A line that names no run goes by its own text. Roots are looked for unless ``nested``
+    says that no line names a parent."""
     from pyspark.sql import functions as F
 
     def field(name: str) -> Column:
         return F.get_json_object(F.col(LINE), f"$.{name}")
 
     source_run = field("source_run_id")
-    roots = _roots(
-        lines.where(field("op") == "create-run"), source_run, field("parent_source_run_id")
+    roots = (
+        None
+        if nested is False
+        else _roots(lines.where(field("op") == "create-run"), source_run, field(PARENT))
     )
-    joined = lines.withColumn("__run", source_run).join(
-        roots, F.col("__run") == F.col("node"), "left"
-    )
+    if roots is None:  # no nested runs: a run is its own root, no join
+        joined = lines.withColumn("__run", source_run).withColumn(ROOT, F.lit(None))
+    else:
+        joined = lines.withColumn("__run", source_run).join(
+            roots, F.col("__run") == F.col("node"), "left"
+        )
     key = F.coalesce(
         F.when(F.col("__run").isNotNull(), F.coalesce(F.col(ROOT), F.col("__run"))),
         field("run_id"),
@@ -205,7 +290,7 @@ def with_buckets(lines: DataFrame, buckets: int) -> DataFrame:
     return joined.withColumn(BUCKET, bucket)
 
 
-def _roots(creates: DataFrame, run: Column, parent: Column) -> DataFrame:
+def _roots(creates: DataFrame, run: Column, parent: Column) -> DataFrame | None:
     """(node, ROOT): each plan run that has a parent, and the root of its parent chain, by
     pointer doubling: a few distributed self-joins (log2 of the deepest chain). A run in a
     loop (or below one) is its own root: its create-run then comes before its parent's in
@@ -220,7 +305,7 @@ def _roots(creates: DataFrame, run: Column, parent: Column) -> DataFrame:
         .localCheckpoint()  # one pass over the input; the rounds read this
     )
     if pointers.isEmpty():  # no nested runs: nothing to join
-        return pointers.select("node", F.col("ptr").alias(ROOT))
+        return None
     moved_before = -1
     step = pointers.withColumn("moved", F.lit(True))
     for _ in range(MAX_ROUNDS):
