@@ -207,8 +207,9 @@ def test_two_attempts_of_one_bucket_at_once_the_second_waits_and_sends_nothing_t
     first.join(60)
     second.join(60)
 
-    assert isinstance(figures["impatient"], CheckpointError)
-    message = str(figures["impatient"])
+    refused = figures["impatient"]  # stopped: told once by upload, never retried
+    assert (refused.status, refused.error) == ("stopped", "CheckpointError")
+    message = refused.message
     assert "held by another attempt of this bucket" in message and "pid=" in message
     assert "\n" not in message
     one, two = figures["first"], figures["second"]
@@ -574,3 +575,310 @@ def test_parent_chains_are_resolved_only_when_a_line_may_name_a_parent(
     )
     assert calls == [1]
     assert (result.report.succeeded, result.report.unsuccessful_total) == (len(plan), 0)
+
+
+# inputs (review)
+
+
+def _sources_and_lines(ckpt: Path, buckets: int) -> list[tuple[str, bytes]]:
+    """(source, line) of every line the buckets hold, from sources.txt and records.jsonl."""
+    out: list[tuple[str, bytes]] = []
+    for bucket in range(buckets):
+        folder = Path(bucket_dir(str(ckpt), bucket))
+        if (folder / "records.jsonl").is_file():
+            lines = (folder / "records.jsonl").read_bytes().splitlines()
+            sources = (folder / "sources.txt").read_text().splitlines()
+            out += zip(sources, lines, strict=True)
+    return out
+
+
+def _assert_each_file_line_holds_its_line(pairs: list[tuple[str, bytes]]) -> None:
+    for source, line in pairs:
+        file, number = source.rsplit(":", 1)
+        assert Path(file).read_bytes().splitlines()[int(number) - 1] == line, source
+
+
+def test_a_partitioned_text_path_is_read_as_lines_named_by_file_and_line(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    records = [inputs_record(f"run{i}", f"ds{i:08d}") for i in range(12)]
+    files = []
+    for day, part in (("2026-11-24", records[:6]), ("2026-11-25", records[6:])):
+        folder = tmp_path / "in" / f"date={day}"
+        folder.mkdir(parents=True)
+        files.append(write_manifest(folder / "runs.jsonl", [*part, b'{"run_id": "x", oops']))
+    df = spark.read.text(str(tmp_path / "in"))
+    assert df.columns == ["value", "date"]  # the partition column besides the lines
+    for name, order_by in (("plain", None), ("by-date", ["date"])):
+        emu = emulator()
+        ckpt = tmp_path / name
+        result = upload(df, settings(oci, emu), str(ckpt), buckets=2, order_by=order_by)
+        r = result.report
+        assert (r.records, r.succeeded, r.rejected) == (14, 12, 2), name
+        assert_exactly_once(emu, records)
+        assert {row.source for row in result.dead_letter.collect()} == {f"{f}:7" for f in files}
+        _assert_each_file_line_holds_its_line(_sources_and_lines(ckpt, 2))
+
+
+def test_a_filtered_text_frame_names_no_line_by_a_wrong_number(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    import hashlib
+
+    lines: list[Any] = [
+        {"note": "skip me"} if i % 4 == 0 else inputs_record(f"t{i:03d}", f"ds{i:08d}")
+        for i in range(40)
+    ]
+    f = write_manifest(tmp_path / "t.jsonl", lines)
+    emu = emulator()
+    ckpt = tmp_path / "where"
+    filtered = spark.read.text(str(f)).where("value not like '%skip me%'")
+    result = upload(filtered, settings(oci, emu), str(ckpt), buckets=2)
+    assert (result.report.succeeded, result.report.unsuccessful_total) == (30, 0)
+    pairs = _sources_and_lines(ckpt, 2)
+    assert len(pairs) == 30
+    for source, line in pairs:  # numbers counted after the filter would be wrong: a key
+        assert source == f"{f} row {hashlib.sha256(line).hexdigest()[:12]}", source
+
+    # a bare read, the lines column selected: still FILE:LINE, each at its line
+    emu = emulator()
+    ckpt = tmp_path / "bare"
+    result = upload(spark.read.text(str(f)).select("value"), settings(oci, emu), str(ckpt))
+    assert (result.report.succeeded, result.report.rejected) == (30, 10)
+    _assert_each_file_line_holds_its_line(_sources_and_lines(ckpt, 8))
+    dead = {row.source for row in result.dead_letter.collect()}
+    assert dead == {f"{f}:{n}" for n in range(1, 41, 4)}
+
+
+def test_order_by_the_column_of_lines_is_refused_in_one_line(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    f = write_manifest(tmp_path / "runs.jsonl", [inputs_record("run1", "ds00000001")])
+    with pytest.raises(ConfigurationError) as caught:
+        upload(spark.read.text(str(f)), settings(oci, emu), str(tmp_path / "c"), order_by=["value"])
+    message = str(caught.value)
+    assert "order_by" in message and "'value'" in message and "\n" not in message, message
+    assert sent(emu) == 0
+
+
+def test_the_column_of_lines_is_chosen_by_its_name(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator()
+    records = [inputs_record(f"run{i}", f"ds{i:08d}") for i in range(4)]
+    text = [orjson.dumps(r).decode() for r in records]
+    # one string column named otherwise: no lines and no field, refused naming it
+    table = spark.createDataFrame([("ds",)], "dataset_name string")
+    with pytest.raises(ConfigurationError) as caught:
+        upload(table, settings(oci, emu), str(tmp_path / "a"), buckets=1)
+    message = str(caught.value)
+    assert "(dataset_name)" in message and "lines=" in message and "\n" not in message
+    # a table of fields with a string column besides: the column is a field, rejected
+    typo = spark.createDataFrame([("run9", "ds")], "run_id string, dataset_name string")
+    one = upload(typo, settings(oci, emu), str(tmp_path / "a2"), buckets=1)
+    (reason,) = [row.reason for row in one.dead_letter.collect()]
+    assert reason.startswith("dataset_name: unknown field"), reason
+    # the lines in `value`, other columns (a note) left out
+    noted = spark.createDataFrame([(t, "note") for t in text[:2]], "value string, note string")
+    two = upload(noted, settings(oci, emu), str(tmp_path / "b"), buckets=1)
+    assert (two.report.succeeded, two.report.unsuccessful_total) == (2, 0)
+    # lines= names another column
+    named = spark.createDataFrame([(t,) for t in text[2:]], "json string")
+    three = upload(named, settings(oci, emu), str(tmp_path / "c"), buckets=1, lines="json")
+    assert (three.report.succeeded, three.report.unsuccessful_total) == (2, 0)
+    assert_exactly_once(emu, records)
+    before = sent(emu)
+    both = spark.createDataFrame([(text[0], "run0")], "value string, run_id string")
+    with pytest.raises(ConfigurationError, match=r"'value'.*\(run_id\)"):
+        upload(both, settings(oci, emu), str(tmp_path / "d"), buckets=1)
+    with pytest.raises(ConfigurationError, match="lines: no string column 'nope'"):
+        upload(named, settings(oci, emu), str(tmp_path / "e"), buckets=1, lines="nope")
+    assert sent(emu) == before
+
+
+def test_a_file_name_with_a_space_is_named_as_it_is_on_disk(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    import hashlib
+
+    emu = emulator()
+    bad = b'{"run_id": "x", oops'
+    f = write_manifest(tmp_path / "with space ü.jsonl", [inputs_record("run1", "ds00000001"), bad])
+    result = upload(spark.read.text(str(f)), settings(oci, emu), str(tmp_path / "a"), buckets=1)
+    assert [row.source for row in result.dead_letter.collect()] == [f"{f}:2"]
+    only_bad = spark.read.text(str(f)).where("value like '%oops%'")  # a key, the file decoded
+    again = upload(only_bad, settings(oci, emu), str(tmp_path / "b"), buckets=1)
+    key = hashlib.sha256(bad).hexdigest()[:12]
+    assert [row.source for row in again.dead_letter.collect()] == [f"{f} row {key}"]
+
+
+# buckets (review)
+
+
+def _bucket_of(run: str, buckets: int) -> int:
+    """The bucket batchlog.spark gives ``run`` (Spark's crc32 of the run id, mod)."""
+    import zlib
+
+    return zlib.crc32(run.encode()) % buckets
+
+
+def _bucket_files(ckpt: str, buckets: int) -> dict[int, tuple[bytes, bytes]]:
+    out = {}
+    for b in range(buckets):
+        folder = Path(bucket_dir(ckpt, b))
+        out[b] = ((folder / "records.jsonl").read_bytes(), (folder / "sources.txt").read_bytes())
+    return out
+
+
+def _sources_hold_their_records(ckpt: str, buckets: int) -> None:
+    for b, (records, sources) in _bucket_files(ckpt, buckets).items():
+        lines, places = records.splitlines(), sources.decode().splitlines()
+        assert len(lines) == len(places)
+        for line, place in zip(lines, places, strict=True):
+            file, number = place.rsplit(":", 1)
+            assert Path(file).read_bytes().splitlines()[int(number) - 1] == line, (b, place)
+
+
+def test_lines_appended_to_the_input_are_sent_alone_and_anything_else_is_refused_intact(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator(idempotency=False)  # a second send shows as applied twice (MLflow's case)
+    records = [inputs_record(f"run{i:03d}", f"ds{i:08d}") for i in range(40)]
+    write_manifest(tmp_path / "a.jsonl", records)
+    ckpt = str(tmp_path / "ckpt")
+    text = str(tmp_path / "*.jsonl")
+    upload(spark.read.text(text), settings(oci, emu), ckpt, buckets=4)
+    # the nightly sync: lines appended to the file, and a new file that sorts after it
+    more = [inputs_record(f"run{i:03d}", f"ds{i:08d}") for i in range(40, 46)]
+    more.append(inputs_record("run001", "ds99999999"))  # a run seen before
+    write_manifest(tmp_path / "a.jsonl", [*records, *more[:4]])
+    write_manifest(tmp_path / "b.jsonl", more[4:])
+    result = upload(spark.read.text(text), settings(oci, emu), ckpt, buckets=4)
+    r = result.report
+    assert (r.records, r.already_done, r.succeeded, r.unsuccessful_total) == (47, 40, 7, 0)
+    assert_exactly_once(emu, [*records, *more])
+    _sources_hold_their_records(ckpt, 4)
+
+    # a line put before the others is no append: that bucket is refused, its files as
+    # they were (its dead letter names its lines by them); the others go on
+    first = inputs_record("run000", "ds77777777")
+    write_manifest(tmp_path / "0.jsonl", [first])
+    before = _bucket_files(ckpt, 4)
+    sent_before = sent(emu)
+    with pytest.raises(CheckpointError) as caught:
+        upload(spark.read.text(text), settings(oci, emu), ckpt, buckets=4)
+    message = str(caught.value)
+    refused = _bucket_of("run000", 4)
+    assert f"bucket {refused}: " in message and "holds other records" in message, message
+    for words in ("restart=True", "new checkpoint_dir", "every record", "MLflow", "24 h"):
+        assert words in message, message
+    assert "\n" not in message
+    assert _bucket_files(ckpt, 4)[refused] == before[refused]
+    assert sent(emu) == sent_before
+    _sources_hold_their_records(ckpt, 4)
+
+
+def test_a_task_that_cannot_go_on_stops_the_call_once_in_one_line_after_every_task_ended(
+    tmp_path: Path,
+    oci: Oci,
+    emulator: StartEmulator,
+    spark: SparkSession,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    import fcntl
+
+    emu = emulator(latency=0.05)
+    runs = [f"run{i:04d}" for i in range(400)]
+    zero = [inputs_record(r, f"ds{i:08d}") for i, r in enumerate(runs) if _bucket_of(r, 2) == 0]
+    one = [inputs_record(r, f"ds{i:08d}") for i, r in enumerate(runs) if _bucket_of(r, 2) == 1]
+    one = one[:80]  # some seconds of work for bucket 1, one request at a time
+    write_manifest(tmp_path / "runs.jsonl", [*zero[:10], *one])
+    df = spark.read.text(str(tmp_path / "runs.jsonl"))
+    ckpt = str(tmp_path / "ckpt")
+    folder = Path(bucket_dir(ckpt, 0))
+    folder.mkdir(parents=True)
+    holder = open(folder / "lease", "a+b")  # another attempt holds bucket 0's lease
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    capfd.readouterr()
+    try:
+        with pytest.raises(CheckpointError) as caught:
+            upload(df, settings(oci, emu, concurrency=1), ckpt, buckets=2, lease_wait=0.5)
+        # bucket 1's task had ended: its lease is free and its records all landed
+        with open(Path(bucket_dir(ckpt, 1), "lease"), "a+b") as lease:
+            fcntl.flock(lease.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_exactly_once(emu, one)
+    finally:
+        holder.close()
+    message = str(caught.value)
+    assert message.startswith("bucket 0: ") and "held by another attempt" in message, message
+    assert "\n" not in message
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "at org.apache" not in err, err[-2000:]
+    result = upload(df, settings(oci, emu), ckpt, buckets=2)
+    assert (result.report.succeeded, result.report.already_done) == (10, 80)
+    assert_exactly_once(emu, [*zero[:10], *one])
+
+
+def test_a_systemic_stop_is_tried_once_per_bucket_and_names_no_command_line_flag(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    emu = emulator(key_id="ocid1.tenancy.oc1..other/ocid1.user.oc1..other/00:11")
+    records = [inputs_record(f"run{i:03d}", f"ds{i:08d}") for i in range(60)]
+    write_manifest(tmp_path / "runs.jsonl", records)
+    df = spark.read.text(str(tmp_path / "runs.jsonl"))
+    with pytest.raises(batchlog.errors.SystemicError) as caught:
+        upload(df, settings(oci, emu, concurrency=1), str(tmp_path / "ckpt"), buckets=2)
+    message = str(caught.value)
+    assert "401" in message and "call upload again" in message, message
+    assert " --" not in message and "same command" not in message, message
+    # about systemic_after (8) answers per bucket: each bucket tried once (4 tries: 64+)
+    assert emu.state.statuses[401] < 2 * 2 * 8, emu.state.statuses
+
+
+def test_a_second_attempt_waits_for_a_live_lease_holder_by_default(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import inspect
+    import types
+
+    import batchlog.spark.bucket as bucket
+
+    # the lease's clock runs 10000 times fast: a second here is hours there
+    fast = types.SimpleNamespace(monotonic=lambda: time.monotonic() * 10_000, sleep=time.sleep)
+    monkeypatch.setattr(bucket, "time", fast)
+    emu = emulator()
+    records = [inputs_record(f"run{i:03d}", f"ds{i:08d}") for i in range(20)]
+    lines = [(orjson.dumps(r).decode(), f"row {i}") for i, r in enumerate(records)]
+    ckpt = str(tmp_path / "ckpt")
+    folder = Path(bucket_dir(ckpt, 0))
+    folder.mkdir(parents=True)
+    holder = open(folder / "lease", "a+b")
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    default = inspect.signature(upload).parameters["lease_wait"].default
+    waiting = BucketJob(settings(oci, emu), ckpt, rate=None, lease_wait=default)
+    figures: list[Any] = []
+
+    def attempt() -> None:
+        try:
+            figures.append(waiting.run(0, iter(lines)))
+        except BaseException as exc:
+            figures.append(exc)
+
+    thread = threading.Thread(target=attempt)
+    try:
+        thread.start()
+        thread.join(1.0)  # hours of the lease's clock
+        assert thread.is_alive() and not figures, figures
+        bounded = BucketJob(settings(oci, emu), ckpt, rate=None, lease_wait=300)
+        stopped = bounded.run(0, iter(lines))  # a number still bounds the wait
+        assert (stopped.status, stopped.error) == ("stopped", "CheckpointError")
+        assert "held by another attempt" in stopped.message
+    finally:
+        holder.close()  # the holder ends: the waiting attempt goes on
+        thread.join(60)
+    (done,) = figures
+    assert not isinstance(done, BaseException), done
+    assert done.succeeded == 20 and done.lease_wait_s > 300
+    assert_exactly_once(emu, records)

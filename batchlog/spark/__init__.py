@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SparkReport", "SparkResult", "TaskFigures", "upload"]
 
-LEASE_WAIT = 300.0  # seconds a second attempt of a bucket waits for the first one
 JOB_FILE = "batchlog-spark.json"  # the buckets a checkpoint_dir was made with
 _ERROR = re.compile(r"batchlog\.errors\.(\w+Error): (.*)")
 
@@ -56,16 +55,22 @@ def upload(
     *,
     buckets: int = 8,
     order_by: Sequence[str] | None = None,
+    lines: str = "value",
     spark: SparkSession | None = None,
-    lease_wait: float = LEASE_WAIT,
+    lease_wait: float | None = None,
     restart: bool = False,
 ) -> SparkResult:
-    """Upload every record of ``df`` (one string column of manifest lines, or the
-    manifest's fields as columns); call it again to resume, or to find nothing left.
+    """Upload every record of ``df`` (a string column ``lines`` of manifest lines, its
+    other columns ignored, or the manifest's fields as columns); call it again to resume,
+    or to find nothing left. Pass ``spark.read.text(...)`` unchanged (at most columns
+    selected) for sources ``FILE:LINE``; after a filter or a shuffle a line is named
+    ``FILE row KEY``.
 
     ``settings.rate`` is the limit of the whole job: each task running at once gets its
-    share. Records that fail are in ``result.dead_letter``; a systemic stop (credentials,
-    no connection) fails the Spark job with batchlog's message, as a BatchlogError.
+    share. Records that fail are in ``result.dead_letter``. A bucket that cannot go on
+    (a systemic stop: credentials, no connection; a changed input) raises batchlog's one
+    line (a BatchlogError) once every task has ended. A second attempt of a bucket waits
+    for the first as long as it holds the bucket's lease, or ``lease_wait`` seconds.
     """
     from batchlog.spark.inputs import bucketed
 
@@ -83,12 +88,15 @@ def upload(
         restart=uuid.uuid4().hex if restart else "",
     )
     _check_picklable(job)
-    rows = bucketed(df, buckets, order_by)
+    rows = bucketed(df, buckets, order_by, lines)
     try:
         tasks = rows.mapPartitionsWithIndex(job).collect()
-    except Exception as exc:  # a task's batchlog error, retried and failed: say it alone
+    except Exception as exc:  # a task failed every retry (not batchlog's stop): say it alone
         raise _task_error(exc) from None
     tasks.sort(key=lambda t: t.bucket)
+    stopped = [t for t in tasks if t.status == "stopped"]
+    if stopped:  # every task has ended: none still sends once this is raised
+        raise _stop_error(stopped)
     report = SparkReport.of(tasks, time.monotonic() - started, folder)
     return SparkResult(report, tasks, dead_letter(spark, folder, buckets))
 
@@ -139,6 +147,31 @@ def _check_picklable(job: BucketJob) -> None:
         ) from None
 
 
+_KINDS: dict[str, type[BatchlogError]] = {
+    "CheckpointError": CheckpointError,
+    "ConfigurationError": ConfigurationError,
+    "SystemicError": SystemicError,
+}
+# batchlog's messages are the CLI's: in a library call, what to call or set instead
+_LIBRARY_WORDS = (
+    ("run the same command again", "call upload again"),
+    ("the same command sends", "calling upload again sends"),
+    ("check --endpoint", "check the target's endpoint"),
+    ("--ca-bundle", "settings.ca_bundle"),
+    ("--tracking-uri", "the tracking URI"),
+    ("--restart", "restart=True"),
+    ("--checkpoint", "checkpoint_dir"),
+    ("--auth ", "auth "),
+)
+
+
+def _stop_error(stopped: Sequence[TaskFigures]) -> BatchlogError:
+    """The first stopped bucket's error, naming how many others stopped."""
+    first = stopped[0]
+    more = f" ({len(stopped) - 1} other buckets stopped too)" if len(stopped) > 1 else ""
+    return _KINDS.get(first.error, BatchlogError)(_library_words(first.message) + more)
+
+
 def _task_error(exc: Exception) -> Exception:
     """The batchlog error that failed a task, as itself (one line, no Java trace); any
     other failure as it is."""
@@ -146,9 +179,10 @@ def _task_error(exc: Exception) -> Exception:
     if not found:
         return exc
     name, message = found[-1]
-    kinds: dict[str, type[BatchlogError]] = {
-        "CheckpointError": CheckpointError,
-        "ConfigurationError": ConfigurationError,
-        "SystemicError": SystemicError,
-    }
-    return kinds.get(name, BatchlogError)(message.strip())
+    return _KINDS.get(name, BatchlogError)(_library_words(message.strip()))
+
+
+def _library_words(message: str) -> str:
+    for cli, library in _LIBRARY_WORDS:
+        message = message.replace(cli, library)
+    return message

@@ -13,13 +13,18 @@ task attempt, so every attempt of a bucket finds the same files):
 The lease comes first: a second attempt of the bucket at once (speculation, an executor
 lost but still running) waits for it, then resumes the checkpoint and sends nothing twice.
 The kernel drops a flock when its process dies, so the retry of a killed task goes on.
+
+A task that cannot go on for a reason no retry changes (batchlog's CheckpointError,
+ConfigurationError, SystemicError: batchlog already retried what it could) returns it as
+its figures (status "stopped"): Spark does not run it again, and the driver raises it
+once every task has ended. Anything else (a bug, a killed worker) fails the task, which
+Spark retries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import logging
 import os
 import re
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from batchlog import durable
-from batchlog.errors import CheckpointError, SystemicError
+from batchlog.errors import BatchlogError, CheckpointError, ConfigurationError, SystemicError
 from batchlog.settings import Settings
 
 RECORDS = "records.jsonl"
@@ -49,7 +54,7 @@ class TaskFigures:
 
     bucket: int
     attempt: int  # Spark's attempt number of the task (0: the first)
-    status: str  # the bucket's batchlog Report status ("completed")
+    status: str  # "completed", or "stopped": ``error`` and ``message`` say why
     records: int
     succeeded: int
     failed: int
@@ -64,6 +69,8 @@ class TaskFigures:
     rate_limit: float | None  # this task's share of the rate (requests/s), None: none
     failed_total: int = 0  # the bucket's failed records, earlier runs included
     rejected_total: int = 0
+    error: str = ""  # a stopped task's batchlog error class: "SystemicError", ...
+    message: str = ""  # a stopped task's one line, naming its bucket
 
 
 def bucket_dir(checkpoint_dir: str, bucket: int) -> str:
@@ -78,7 +85,7 @@ class BucketJob:
     settings: Settings
     checkpoint_dir: str  # absolute
     rate: float | None  # this task's share of settings.rate
-    lease_wait: float  # seconds a second attempt waits for the lease before failing
+    lease_wait: float | None  # seconds a second attempt waits for the lease (None: while held)
     restart: str = ""  # the upload call's id when it restarts every bucket ("": resume)
 
     def __call__(self, bucket: int, rows: Iterable[tuple[int, str, str]]) -> Iterator[TaskFigures]:
@@ -88,11 +95,15 @@ class BucketJob:
         folder = bucket_dir(self.checkpoint_dir, bucket)
         os.makedirs(folder, exist_ok=True)
         attempt, attempt_id = _attempt()
-        with Lease(os.path.join(folder, LEASE), self.lease_wait, attempt_id) as waited:
-            if self.restart:
-                _restart_once(folder, self.restart)
-            count = spill(folder, lines)
-            return self._upload(bucket, folder, count, attempt, waited)
+        try:
+            with Lease(os.path.join(folder, LEASE), self.lease_wait, attempt_id) as waited:
+                if self.restart:
+                    _restart_once(folder, self.restart)
+                count = spill(folder, lines)
+                return self._upload(bucket, folder, count, attempt, waited)
+        except (CheckpointError, ConfigurationError, SystemicError) as exc:
+            # the same on every retry: told once, without a retry or a trace per attempt
+            return _stopped(bucket, attempt, self.rate, exc)
 
     def _upload(
         self, bucket: int, folder: str, count: int, attempt: int, waited: float
@@ -119,8 +130,10 @@ class BucketJob:
             report = anyio.run(upload, [os.path.join(folder, RECORDS)], settings)
         finally:
             log.removeFilter(named)
-        if report.status != "completed":  # a systemic stop: the task fails, Spark retries
-            raise SystemicError(f"bucket {bucket}: {report.message or report.status}")
+        if report.status == "stopped":  # a systemic stop: batchlog retried what it could
+            raise SystemicError(report.message or report.status)
+        if report.status != "completed":  # the checkpoint not written, a bug: Spark retries
+            raise BatchlogError(f"bucket {bucket}: {report.message or report.status}")
         return TaskFigures(
             bucket=bucket,
             attempt=attempt,
@@ -140,6 +153,13 @@ class BucketJob:
             failed_total=report.failed_total,
             rejected_total=report.rejected_total,
         )
+
+
+def _stopped(bucket: int, attempt: int, rate: float | None, exc: BatchlogError) -> TaskFigures:
+    """A task's figures for a stop no retry changes: nothing done, why in one line."""
+    message = f"bucket {bucket}: {' '.join(str(exc).split())}"
+    figures = TaskFigures(bucket, attempt, "stopped", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, rate)
+    return dataclasses.replace(figures, error=type(exc).__name__, message=message)
 
 
 def _of_bucket(bucket: int, rows: Iterable[tuple[int, str, str]]) -> Iterator[tuple[str, str]]:
@@ -197,9 +217,11 @@ def _attempt() -> tuple[int, str]:
 
 
 class Lease:
-    """The bucket's lease: an exclusive flock on ``path``, waited for up to ``wait`` s."""
+    """The bucket's lease: an exclusive flock on ``path``, waited for up to ``wait`` s, or
+    as long as its holder holds it (``None``): the kernel drops it when the holder dies,
+    and Spark kills a speculative copy when the other attempt ends."""
 
-    def __init__(self, path: str, wait: float, attempt_id: str) -> None:
+    def __init__(self, path: str, wait: float | None, attempt_id: str) -> None:
         self.path = path
         self.wait = wait
         self.note = f"host={socket.gethostname()} pid={os.getpid()} attempt={attempt_id}\n"
@@ -216,7 +238,7 @@ class Lease:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() - started >= self.wait:
+                    if self.wait is not None and time.monotonic() - started >= self.wait:
                         raise CheckpointError(self._busy()) from None
                     time.sleep(POLL)
             handle.seek(0)
@@ -243,7 +265,7 @@ class Lease:
         return (
             f"{self.path} is held by another attempt of this bucket ({holder}) for over "
             f"{self.wait:g} s: a speculative or lost task still running? it sends the same "
-            "records; wait for it, or raise lease_wait"
+            "records; wait for it, or give lease_wait=None to wait while it holds the lease"
         )
 
 
@@ -268,39 +290,62 @@ def _restart_once(folder: str, call_id: str) -> None:
 
 def spill(folder: str, lines: Iterable[tuple[str, str]]) -> int:
     """Write the bucket's lines to ``records.jsonl`` and their sources to ``sources.txt``
-    (temp file, fsync, rename); return how many. A ``records.jsonl`` an earlier attempt
-    wrote is kept when it is the same, and refused when it is not: its checkpoint names
-    those records, by line."""
+    (temp files, fsync, rename); return how many. A ``records.jsonl`` an earlier attempt
+    wrote is kept when the lines are the same, and grows when they are its lines with more
+    after them (the input appended to: its checkpoint resumes, as batchlog's does for an
+    appended manifest); otherwise both files stay as they were and the bucket is refused:
+    its checkpoint and dead letter name those records by line."""
     records = os.path.join(folder, RECORDS)
-    digest = hashlib.sha256()
+    sources = os.path.join(folder, SOURCES)
     count = 0
-    with (
-        open(records + ".tmp", "wb") as out,
-        open(os.path.join(folder, SOURCES + ".tmp"), "wb") as sources,
-    ):
+    with open(records + ".tmp", "wb") as out, open(sources + ".tmp", "wb") as where:
         for line, source in lines:
-            data = _one_line(line)
-            digest.update(data)
-            out.write(data)
-            sources.write(_one_line(source))
+            out.write(_one_line(line))
+            where.write(_one_line(source))
             count += 1
-        for handle in (out, sources):
+        for handle in (out, where):
             handle.flush()
             os.fsync(handle.fileno())
-    os.replace(os.path.join(folder, SOURCES + ".tmp"), os.path.join(folder, SOURCES))
-    if os.path.isfile(records):
-        if _file_digest(records) != digest.digest():
-            os.remove(records + ".tmp")
-            raise CheckpointError(
-                f"{records} holds other records than this input gives the bucket: the input "
-                "(or buckets, or order_by) changed since this checkpoint_dir was written; "
-                "use a new checkpoint_dir, or restart=True to upload it afresh"
-            )
+    kept = os.path.getsize(records) if os.path.isfile(records) else -1
+    grown = _starts_with(records + ".tmp", records)  # or the same
+    same = grown and kept == os.path.getsize(records + ".tmp")
+    if not same and not (grown and _starts_with(sources + ".tmp", sources)):
+        os.remove(records + ".tmp")
+        os.remove(sources + ".tmp")
+        raise CheckpointError(
+            f"{records} holds other records than this input gives the bucket: lines of it "
+            "were changed, removed or put before them since this checkpoint_dir was written "
+            "(or buckets or order_by changed), and only lines added after them resume. "
+            "restart=True or a new checkpoint_dir sends every record of the bucket again: "
+            "applied twice on a server without retry tokens (MLflow) or after 24 h on AI "
+            "Data Platform; to add records, append them after the input's lines (a new file "
+            "that sorts last)"
+        )
+    # the sources first: whichever rename a crash stops before, the next attempt finds
+    # the old records a prefix of the new ones, or the same
+    os.replace(sources + ".tmp", sources)
+    if same:
         os.remove(records + ".tmp")
     else:
         os.replace(records + ".tmp", records)
     durable.sync_directory(folder)
     return count
+
+
+def _starts_with(path: str, head: str) -> bool:
+    """Whether the file ``path`` begins with the bytes of the file ``head`` (a missing
+    ``head``: yes, as an empty one)."""
+    try:
+        prefix = open(head, "rb")
+    except FileNotFoundError:
+        return True
+    with prefix, open(path, "rb") as whole:
+        if os.fstat(prefix.fileno()).st_size > os.fstat(whole.fileno()).st_size:
+            return False
+        while chunk := prefix.read(_CHUNK):
+            if whole.read(len(chunk)) != chunk:
+                return False
+        return True
 
 
 def _one_line(text: str) -> bytes:
@@ -309,14 +354,6 @@ def _one_line(text: str) -> bytes:
     if "\n" in text or "\r" in text:
         text = text.replace("\r", " ").replace("\n", " ")
     return text.encode("utf-8", "surrogatepass") + b"\n"
-
-
-def _file_digest(path: str) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.digest()
 
 
 def _write_atomically(path: str, chunks: Iterable[bytes]) -> None:

@@ -1,17 +1,22 @@
 """A DataFrame in, each bucket's lines out: in their order, with their sources.
 
-Two kinds of DataFrame: one string column of manifest lines (``spark.read.text`` gives
-``value``), or the manifest's fields as columns; either may have ``order_by`` columns
-besides, which order the rows and are left out of the line unless they are manifest
-fields. Each row becomes one manifest line, with its source (``FILE:LINE`` where Spark
-read it from a file, else ``row KEY``), an order key and the bucket of its run. Nothing
-but a few figures per input file reaches the driver.
+Two kinds of DataFrame, told apart by name: a string column of manifest lines (``value``,
+as ``spark.read.text`` gives it, or the column named by ``lines``) and no manifest field,
+its other columns (partition columns, say) left out; else the manifest's fields as
+columns. Either may have ``order_by`` columns besides, which order the rows and are left
+out of the line unless they are manifest fields. Each row becomes one manifest line, with
+its source, an order key and the bucket of its run. The source is ``FILE:LINE`` only for
+a bare read of text files (``spark.read.text(...)``, at most its columns selected): after
+a filter, a sample or a shuffle Spark's row positions are no longer the file's lines, so
+a line gets a key, ``FILE row KEY`` (``row KEY`` if Spark no longer knows the file; a
+table's rows always). Nothing but a few figures per input file reaches the driver.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -46,13 +51,15 @@ _M32 = 0xFFFFFFFF
 _FILE_URL = re.compile("^file:(//)?")
 
 
-def bucketed(df: DataFrame, buckets: int, order_by: Sequence[str] | None) -> RDD[Bucketed]:
+def bucketed(
+    df: DataFrame, buckets: int, order_by: Sequence[str] | None, lines_column: str = "value"
+) -> RDD[Bucketed]:
     """The rows of ``df`` as (bucket, line, source), partition N holding bucket N's lines
     sorted by their order key. Spark shuffles and sorts them (spilling to disk as it
     sorts); Python sees each line once, in its bucket's task."""
     from pyspark.sql import functions as F
 
-    lines = as_lines(df, order_by)
+    lines = as_lines(df, order_by, lines_column)
     keyed = with_buckets(lines.frame, buckets, lines.nested)
     # repartition sends a row to partition pmod(murmur3(key), n): keyed by a number that
     # goes to partition N, bucket N's rows are partition N's (the task checks each row)
@@ -80,7 +87,8 @@ class Lines:
 class Sources:
     """(bucket, line, source) of a row (BUCKET, LINE, SOURCE, FILE, ID): a null SOURCE is
     ``FILE:LINE``, the line's number being its split's number of its first line plus its
-    index in the split (the ID's low bits). Run in the task, on the way in."""
+    index in the split (the ID's low bits); a row key of a line read from a file is
+    preceded by the file. Run in the task, on the way in."""
 
     starts: dict[tuple[str, int], tuple[str, int]]  # (file, partition) -> (shown, number - id)
 
@@ -89,7 +97,15 @@ class Sources:
         if source is None:
             shown, start = self.starts[(file, at >> PARTITION_BITS)]
             source = f"{shown}:{start + at}"
+        elif file:
+            source = f"{path_of(file)} {source}"
         return bucket, line, source
+
+
+@functools.lru_cache(maxsize=1024)
+def path_of(url: str) -> str:
+    """input_file_name's URL as the user wrote the path: file:///a/b%20c -> /a/b c."""
+    return urllib.parse.unquote(_FILE_URL.sub("", url))
 
 
 @functools.cache
@@ -124,14 +140,43 @@ def _murmur3_int(value: int) -> int:
     return h1 - (1 << 32) if h1 & 0x80000000 else h1
 
 
-def is_text(df: DataFrame) -> bool:
+def is_text(df: DataFrame, lines: str = "value", order: Sequence[str] = ()) -> bool:
+    """Does ``df`` hold manifest lines, in its string column ``lines``? Yes if it has that
+    column and no manifest field as a column (``order`` columns aside); else it holds
+    fields. Refused, as a mistake: both at once; neither (no row could be sent);
+    ordering lines by themselves; a ``lines`` column named (not ``value``) it lacks."""
     from pyspark.sql.types import StringType
 
-    fields = df.schema.fields
-    return len(fields) == 1 and isinstance(fields[0].dataType, StringType)
+    from batchlog.errors import ConfigurationError
+
+    types = {f.name: f.dataType for f in df.schema.fields}
+    fields = [c for c in df.columns if c in MANIFEST_FIELDS and c not in order]
+    if not isinstance(types.get(lines), StringType):
+        if lines != "value":
+            raise ConfigurationError(f"lines: no string column {lines!r} in the DataFrame")
+        if not MANIFEST_FIELDS.intersection(df.columns):
+            raise ConfigurationError(
+                "the DataFrame has no string column 'value' of manifest lines and no "
+                f"manifest field as a column ({', '.join(df.columns)[:300]}): name its "
+                "column of lines with lines=..., or give the fields as columns"
+            )
+        return False
+    if lines in order:
+        if fields:
+            return False  # a table of fields, ordered by a column named as lines are
+        raise ConfigurationError(
+            f"order_by {lines!r}: that is the column of manifest lines; order by other "
+            "columns, or leave order_by out to keep the files' order"
+        )
+    if fields:
+        raise ConfigurationError(
+            f"the DataFrame has a column of manifest lines {lines!r} and manifest fields as "
+            f"columns ({', '.join(fields)}): select one or the other"
+        )
+    return True
 
 
-def as_lines(df: DataFrame, order_by: Sequence[str] | None) -> Lines:
+def as_lines(df: DataFrame, order_by: Sequence[str] | None, lines: str = "value") -> Lines:
     """``df`` as lines, blank ones left out (as batchlog skips them) after they were
     counted."""
     from pyspark.sql import functions as F
@@ -142,20 +187,21 @@ def as_lines(df: DataFrame, order_by: Sequence[str] | None) -> Lines:
     if missing:
         raise ConfigurationError(f"order_by: no column {missing[0]!r} in the DataFrame")
     order = list(order_by or ())
-    # an order column that is no manifest field orders the rows and is not sent
-    kept = [c for c in df.columns if c not in order or c in MANIFEST_FIELDS]
-    fields = df if is_text(df) else df.select(*kept)
-    if is_text(fields):
+    if is_text(df, lines, order):
         text = df.select(
-            F.col(fields.columns[0]).alias(LINE),
-            *[F.col(name) for name in order if name != fields.columns[0]],
+            F.col(lines).alias(LINE),
+            *[F.col(name) for name in order],
             F.input_file_name().alias(FILE),
             F.monotonically_increasing_id().alias(ID),
         )
-        if not order:
-            return _numbered(text)
+        if _is_bare_text_read(df, lines):
+            return _numbered(text, order)
         nested: bool | None = None
+        order = order or [FILE]  # a file's lines in their order, as far as Spark keeps it
     else:
+        # an order column that is no manifest field orders the rows and is not sent
+        kept = [c for c in df.columns if c not in order or c in MANIFEST_FIELDS]
+        fields = df.select(*kept)
         line = F.udf(_line_of_row, "string")(F.struct(*[F.col(c) for c in fields.columns]))
         text = df.select(
             line.alias(LINE),
@@ -176,7 +222,35 @@ def _may_name_a_parent() -> Column:
     return F.col(LINE).contains(PARENT) | F.col(LINE).contains("\\u")
 
 
-def _numbered(text: DataFrame) -> Lines:
+def _is_bare_text_read(df: DataFrame, lines: str) -> bool:
+    """Is ``df`` Spark's read of text files, with at most some of its columns selected (or
+    an alias)? Only then are a split's rows the file's lines, all and in order. If the plan
+    cannot be read (no JVM plan, another Spark): no, and the lines get keys."""
+    if lines != "value":  # the text source's own column: any other is renamed or made
+        return False
+    try:
+        plan = df._jdf.queryExecution().analyzed()
+        while True:
+            kind = plan.getClass().getSimpleName()
+            if kind == "SubqueryAlias":
+                plan = plan.child()
+            elif kind == "Project":
+                columns = plan.projectList()
+                for at in range(columns.size()):
+                    if columns.apply(at).getClass().getSimpleName() != "AttributeReference":
+                        return False
+                plan = plan.child()
+            else:
+                break
+        return bool(
+            kind == "LogicalRelation"
+            and plan.relation().fileFormat().getClass().getSimpleName() == "TextFileFormat"
+        )
+    except Exception:  # a plan of another shape than Spark 3.5's: not known to be bare
+        return False
+
+
+def _numbered(text: DataFrame, order: list[str]) -> Lines:
     """Lines read from files, in file order, named FILE:LINE as they reach their task. A
     line's number is the lines of its file in earlier partitions plus its index in its
     own: the driver gets (file, partition, count, first id) per split, a few rows per
@@ -186,7 +260,8 @@ def _numbered(text: DataFrame) -> Lines:
     This relies on FileScan giving a file's splits in file order: Spark sorts the splits by
     size, descending and stably, and all but a file's last split have the same size, which
     keeps them in order, the last one after them (so the ID orders a file's lines too).
-    Lines not read from a file (an empty input_file_name) get a row key instead."""
+    Lines not read from a file (an empty input_file_name) get a row key instead. The
+    ``order`` columns, if any, order the lines before file and line."""
     from pyspark.sql import functions as F
 
     part = F.shiftright(F.col(ID), PARTITION_BITS).alias("part")
@@ -203,26 +278,27 @@ def _numbered(text: DataFrame) -> Lines:
     seen: dict[str, int] = {}
     for row in sorted(splits, key=lambda r: (r[FILE], r["part"])):
         before = seen.get(row[FILE], 0)
-        shown = _FILE_URL.sub("", row[FILE])  # file:///x -> /x
+        shown = path_of(row[FILE])
         starts[(row[FILE], row["part"])] = (shown, before - row["first"] + 1)
         seen[row[FILE]] = before + row["n"]
     lines = text.where(F.col(LINE).isNotNull() & (F.trim(F.col(LINE)) != ""))
     if "" in seen:  # not (all) from files: those rows get a row key
-        lines = _row_keyed(lines, [ID], only_unnamed=True)
+        lines = _row_keyed(lines, [*order, FILE, ID], only_unnamed=True)
     else:
         lines = lines.withColumn(SOURCE, F.lit(None).cast("string"))
     nested = any(row["nested"] for row in splits)
-    return Lines(lines, [FILE, ID], nested, Sources(starts))
+    return Lines(lines, [*order, FILE, ID], nested, Sources(starts))
 
 
 def _row_keyed(text: DataFrame, order: list[str], only_unnamed: bool = False) -> DataFrame:
     """``row KEY``: the first 12 hex digits of the line's SHA-256, and ``#N`` for its N-th
-    occurrence (N > 1) in ``order``: the same for the same table content."""
+    occurrence (N > 1) in its file (if any) in ``order``: the same for the same content.
+    ``Sources`` puts the file before it."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     digest = F.substring(F.sha2(F.col(LINE), 256), 1, 12)
-    window = Window.partitionBy(digest).orderBy(*order)
+    window = Window.partitionBy(FILE, digest).orderBy(*order)
     nth = F.row_number().over(window)
     key = F.concat(
         F.lit("row "), digest, F.when(nth > 1, F.concat(F.lit("#"), nth)).otherwise(F.lit(""))
