@@ -882,3 +882,73 @@ def test_a_second_attempt_waits_for_a_live_lease_holder_by_default(
     assert not isinstance(done, BaseException), done
     assert done.succeeded == 20 and done.lease_wait_s > 300
     assert_exactly_once(emu, records)
+
+
+def test_a_file_read_twice_numbers_each_copy_by_the_files_own_lines(
+    tmp_path: Path, oci: Oci, emulator: StartEmulator, spark: SparkSession
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    a = write_manifest(folder / "a.jsonl", [inputs_record(f"a{i:03d}", "ds1") for i in range(20)])
+    write_manifest(folder / "b.jsonl", [inputs_record(f"b{i:03d}", "ds1") for i in range(5)])
+    cases = [
+        ("twice", [str(a), str(a)], 40, None),
+        ("glob-and-file", [str(folder / "*.jsonl"), str(a)], 45, None),
+        ("several-splits", [str(a), str(a)], 40, "300"),  # a file in several splits
+    ]
+    for name, paths, records, split in cases:
+        if split:
+            spark.conf.set("spark.sql.files.maxPartitionBytes", split)
+        try:
+            df = spark.read.text(paths)
+            ckpt = tmp_path / name
+            result = upload(df, settings(oci, emulator()), str(ckpt), buckets=2)
+        finally:
+            spark.conf.unset("spark.sql.files.maxPartitionBytes")
+        assert result.report.records == records, name  # each copy's lines stay records
+        pairs = _sources_and_lines(ckpt, 2)
+        _assert_each_file_line_holds_its_line(pairs)
+        places = sorted(source for source, _ in pairs if source.startswith(str(a)))
+        assert places == sorted(2 * [f"{a}:{n}" for n in range(1, 21)]), name
+
+
+def test_a_filesystem_error_in_a_task_stops_its_bucket_in_one_line_tried_once(
+    tmp_path: Path,
+    oci: Oci,
+    emulator: StartEmulator,
+    spark: SparkSession,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    emu = emulator()
+    runs = [f"run{i:04d}" for i in range(40)]
+    records = [inputs_record(r, f"ds{i:08d}") for i, r in enumerate(runs)]
+    write_manifest(tmp_path / "runs.jsonl", records)
+    df = spark.read.text(str(tmp_path / "runs.jsonl"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    blocked = Path(bucket_dir(str(ckpt), 1))
+    blocked.write_text("not a folder")  # the bucket's folder cannot be made
+    capfd.readouterr()
+    with pytest.raises(CheckpointError) as caught:
+        upload(df, settings(oci, emu), str(ckpt), buckets=2)
+    message = str(caught.value)
+    assert message.startswith("bucket 1: ") and str(blocked) in message, message
+    assert "File exists" in message and "\n" not in message, message
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "at org.apache" not in err, err[-2000:]
+    zero = [r for r in records if _bucket_of(str(r["run_id"]), 2) == 0]
+    assert_exactly_once(emu, zero)  # the other bucket's work is done and kept
+    blocked.unlink()
+    result = upload(df, settings(oci, emu), str(ckpt), buckets=2)
+    assert (result.report.already_done, result.report.succeeded) == (len(zero), 40 - len(zero))
+    assert_exactly_once(emu, records)
+
+    # a spill that fails (a full disk, a read-only mount) stops its bucket the same way
+    job = BucketJob(settings(oci, emu), str(tmp_path / "ro"), rate=None, lease_wait=1)
+    folder = Path(bucket_dir(str(tmp_path / "ro"), 0))
+    folder.mkdir(parents=True)
+    (folder / "records.jsonl.tmp").mkdir()  # the spill's temp file cannot be opened
+    lines = [(orjson.dumps(r).decode(), f"row {i}") for i, r in enumerate(records[:3])]
+    stopped = job.run(0, iter(lines))
+    assert (stopped.status, stopped.error) == ("stopped", "CheckpointError"), stopped
+    assert stopped.message.startswith("bucket 0: ") and "records.jsonl.tmp" in stopped.message

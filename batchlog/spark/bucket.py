@@ -15,14 +15,16 @@ lost but still running) waits for it, then resumes the checkpoint and sends noth
 The kernel drops a flock when its process dies, so the retry of a killed task goes on.
 
 A task that cannot go on for a reason no retry changes (batchlog's CheckpointError,
-ConfigurationError, SystemicError: batchlog already retried what it could) returns it as
-its figures (status "stopped"): Spark does not run it again, and the driver raises it
+ConfigurationError, SystemicError: batchlog already retried what it could; an OSError on
+the bucket's own files, as a CheckpointError naming the path) returns it as its figures
+(status "stopped"): Spark does not run it again, and the driver raises it
 once every task has ended. Anything else (a bug, a killed worker) fails the task, which
 Spark retries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -93,13 +95,15 @@ class BucketJob:
 
     def run(self, bucket: int, lines: Iterable[tuple[str, str]]) -> TaskFigures:
         folder = bucket_dir(self.checkpoint_dir, bucket)
-        os.makedirs(folder, exist_ok=True)
         attempt, attempt_id = _attempt()
         try:
+            with _own_files(folder):
+                os.makedirs(folder, exist_ok=True)
             with Lease(os.path.join(folder, LEASE), self.lease_wait, attempt_id) as waited:
-                if self.restart:
-                    _restart_once(folder, self.restart)
-                count = spill(folder, lines)
+                with _own_files(folder):
+                    if self.restart:
+                        _restart_once(folder, self.restart)
+                    count = spill(folder, _from_input(lines))
                 return self._upload(bucket, folder, count, attempt, waited)
         except (CheckpointError, ConfigurationError, SystemicError) as exc:
             # the same on every retry: told once, without a retry or a trace per attempt
@@ -160,6 +164,35 @@ def _stopped(bucket: int, attempt: int, rate: float | None, exc: BatchlogError) 
     message = f"bucket {bucket}: {' '.join(str(exc).split())}"
     figures = TaskFigures(bucket, attempt, "stopped", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, rate)
     return dataclasses.replace(figures, error=type(exc).__name__, message=message)
+
+
+@contextlib.contextmanager
+def _own_files(folder: str) -> Iterator[None]:
+    """An OSError on the bucket's own files (its folder not made, a missing or read-only
+    mount, a full disk while spilling) as a CheckpointError naming the path and why: no
+    retry of the task changes it, so the bucket stops once, in one line."""
+    try:
+        yield
+    except OSError as exc:
+        path = exc.filename if isinstance(exc.filename, str) else folder
+        why = exc.strerror or type(exc).__name__
+        raise CheckpointError(
+            f"{path}: {why} (errno {exc.errno}): the bucket's files under checkpoint_dir "
+            "cannot be written (a missing or read-only mount, a full disk, permissions?); "
+            "fix it and call upload again: the other buckets' work is kept"
+        ) from None
+
+
+class InputError(Exception):
+    """An OSError reading the bucket's rows from Spark, not its files: the task fails and
+    Spark retries it."""
+
+
+def _from_input(lines: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    try:
+        yield from lines
+    except OSError as exc:
+        raise InputError(f"reading the bucket's rows: {exc}") from exc
 
 
 def _of_bucket(bucket: int, rows: Iterable[tuple[int, str, str]]) -> Iterator[tuple[str, str]]:
@@ -228,6 +261,10 @@ class Lease:
         self._handle: BinaryIO | None = None
 
     def __enter__(self) -> float:
+        with _own_files(os.path.dirname(self.path)):
+            return self._take()
+
+    def _take(self) -> float:
         import fcntl
 
         handle = open(self.path, "a+b")

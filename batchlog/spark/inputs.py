@@ -14,6 +14,7 @@ table's rows always). Nothing but a few figures per input file reaches the drive
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 import urllib.parse
@@ -35,6 +36,7 @@ LINE = "__batchlog_line"
 SOURCE = "__batchlog_source"
 ID = "__batchlog_id"
 FILE = "__batchlog_file"
+BLOCK = "__batchlog_block"  # the byte offset in its file of the split a line was read from
 BUCKET = "__batchlog_bucket"
 ROOT = "__batchlog_root"
 PARTITION_BITS = 33  # monotonically_increasing_id: partition index << 33 | row index
@@ -67,7 +69,7 @@ def bucketed(
     rows = (
         keyed.repartition(buckets, key)
         .sortWithinPartitions(*[F.asc_nulls_last(name) for name in lines.order])
-        .select(BUCKET, LINE, SOURCE, FILE, ID)
+        .select(BUCKET, LINE, SOURCE, FILE, ID, BLOCK)
         .rdd
     )
     if rows.getNumPartitions() == 0:  # adaptive execution leaves an empty input none
@@ -77,26 +79,40 @@ def bucketed(
 
 @dataclass(frozen=True)
 class Lines:
-    frame: DataFrame  # LINE, SOURCE (null: FILE:LINE, named by ``sources``), FILE, ID, order
+    frame: DataFrame  # LINE, SOURCE (null: FILE:LINE, by ``sources``), FILE, ID, BLOCK, order
     order: list[str]  # the columns that order a bucket's lines
     nested: bool | None  # may a create-run line name a parent? (None: not looked at)
     sources: Sources
 
 
 @dataclass(frozen=True)
-class Sources:
-    """(bucket, line, source) of a row (BUCKET, LINE, SOURCE, FILE, ID): a null SOURCE is
-    ``FILE:LINE``, the line's number being its split's number of its first line plus its
-    index in the split (the ID's low bits); a row key of a line read from a file is
-    preceded by the file. Run in the task, on the way in."""
+class Split:
+    """Where a split's lines are in their file: the lines of the file's earlier splits,
+    how many lines the split has, and the ID of the first line of each copy of the split
+    that its partition read (a file listed twice in one read is read twice: each copy is
+    numbered as the file's own lines)."""
 
-    starts: dict[tuple[str, int], tuple[str, int]]  # (file, partition) -> (shown, number - id)
+    shown: str  # the file, as the user wrote its path
+    before: int
+    lines: int
+    copies: list[int]  # the first ID of each run of the split's rows, ascending
+
+
+@dataclass(frozen=True)
+class Sources:
+    """(bucket, line, source) of a row (BUCKET, LINE, SOURCE, FILE, ID, BLOCK): a null
+    SOURCE is ``FILE:LINE``, the line's number being the lines of its file's earlier
+    splits plus its index in its copy of its split; a row key of a line read from a file
+    is preceded by the file. Run in the task, on the way in."""
+
+    splits: dict[tuple[str, int, int], Split]  # (file, block start, partition) -> Split
 
     def __call__(self, row: Any) -> Bucketed:
-        bucket, line, source, file, at = row
+        bucket, line, source, file, at, block = row
         if source is None:
-            shown, start = self.starts[(file, at >> PARTITION_BITS)]
-            source = f"{shown}:{start + at}"
+            split = self.splits[(file, block, at >> PARTITION_BITS)]
+            first = split.copies[bisect.bisect_right(split.copies, at) - 1]
+            source = f"{split.shown}:{split.before + (at - first) % split.lines + 1}"
         elif file:
             source = f"{path_of(file)} {source}"
         return bucket, line, source
@@ -193,9 +209,11 @@ def as_lines(df: DataFrame, order_by: Sequence[str] | None, lines: str = "value"
             *[F.col(name) for name in order],
             F.input_file_name().alias(FILE),
             F.monotonically_increasing_id().alias(ID),
+            F.input_file_block_start().alias(BLOCK),
         )
-        if _is_bare_text_read(df, lines):
-            return _numbered(text, order)
+        relation = _bare_text_relation(df, lines)
+        if relation is not None:
+            return _numbered(text, order, _listed_twice(df, relation))
         nested: bool | None = None
         order = order or [FILE]  # a file's lines in their order, as far as Spark keeps it
     else:
@@ -208,6 +226,7 @@ def as_lines(df: DataFrame, order_by: Sequence[str] | None, lines: str = "value"
             *order,
             F.lit(None).cast("string").alias(FILE),
             F.monotonically_increasing_id().alias(ID),
+            F.lit(-1).cast("long").alias(BLOCK),
         )
         nested = PARENT in fields.columns  # the line's keys are these columns
     text = text.where(F.col(LINE).isNotNull() & (F.trim(F.col(LINE)) != ""))
@@ -222,12 +241,13 @@ def _may_name_a_parent() -> Column:
     return F.col(LINE).contains(PARENT) | F.col(LINE).contains("\\u")
 
 
-def _is_bare_text_read(df: DataFrame, lines: str) -> bool:
-    """Is ``df`` Spark's read of text files, with at most some of its columns selected (or
-    an alias)? Only then are a split's rows the file's lines, all and in order. If the plan
-    cannot be read (no JVM plan, another Spark): no, and the lines get keys."""
+def _bare_text_relation(df: DataFrame, lines: str) -> Any:
+    """The text files' relation (a JVM object) if ``df`` is Spark's read of text files,
+    with at most some of its columns selected (or an alias); else None. Only then are a
+    split's rows the file's lines, all and in order. If the plan cannot be read (no JVM
+    plan, another Spark): None, and the lines get keys."""
     if lines != "value":  # the text source's own column: any other is renamed or made
-        return False
+        return None
     try:
         plan = df._jdf.queryExecution().analyzed()
         while True:
@@ -238,35 +258,51 @@ def _is_bare_text_read(df: DataFrame, lines: str) -> bool:
                 columns = plan.projectList()
                 for at in range(columns.size()):
                     if columns.apply(at).getClass().getSimpleName() != "AttributeReference":
-                        return False
+                        return None
                 plan = plan.child()
             else:
                 break
-        return bool(
+        if (
             kind == "LogicalRelation"
             and plan.relation().fileFormat().getClass().getSimpleName() == "TextFileFormat"
-        )
+        ):
+            return plan.relation()
+        return None
     except Exception:  # a plan of another shape than Spark 3.5's: not known to be bare
-        return False
+        return None
 
 
-def _numbered(text: DataFrame, order: list[str]) -> Lines:
+def _listed_twice(df: DataFrame, relation: Any) -> dict[str, int]:
+    """How many times the read lists each file it lists more than once (``[a, a]``, or a
+    glob and a file it matches): Spark reads such a file that many times. Empty for the
+    usual read (two calls to the JVM: the files listed, and the distinct ones); else one
+    call per file listed."""
+    listed = relation.location().allFiles()
+    if listed.size() == len(df._jdf.inputFiles()):  # Dataset.inputFiles: distinct
+        return {}
+    counts: dict[str, int] = {}
+    for at in range(listed.size()):
+        path = path_of(listed.apply(at).getPath().toUri().toString())
+        counts[path] = counts.get(path, 0) + 1
+    return {path: n for path, n in counts.items() if n > 1}
+
+
+def _numbered(text: DataFrame, order: list[str], listed_twice: dict[str, int]) -> Lines:
     """Lines read from files, in file order, named FILE:LINE as they reach their task. A
-    line's number is the lines of its file in earlier partitions plus its index in its
-    own: the driver gets (file, partition, count, first id) per split, a few rows per
-    file. The same pass tells whether any line may name a parent run (``with_buckets``
-    needs to find roots only then).
+    line's number is the lines of its file's earlier splits (by their byte offset, each
+    counted once) plus its index in its copy of its split: the driver gets (file, split,
+    partition, count, first id), a few rows per file. The same pass tells whether any line
+    may name a parent run (``with_buckets`` needs to find roots only then).
 
-    This relies on FileScan giving a file's splits in file order: Spark sorts the splits by
-    size, descending and stably, and all but a file's last split have the same size, which
-    keeps them in order, the last one after them (so the ID orders a file's lines too).
-    Lines not read from a file (an empty input_file_name) get a row key instead. The
-    ``order`` columns, if any, order the lines before file and line."""
+    A file the read lists N times (``listed_twice``) is read N times, its copies perhaps
+    in one partition: where each copy begins is found for those files only. Lines not read
+    from a file (an empty input_file_name) get a row key instead. The ``order`` columns,
+    if any, order the lines before file and line."""
     from pyspark.sql import functions as F
 
     part = F.shiftright(F.col(ID), PARTITION_BITS).alias("part")
-    splits = (
-        text.groupBy(FILE, part)
+    counted = (
+        text.groupBy(FILE, BLOCK, part)
         .agg(
             F.count("*").alias("n"),
             F.min(ID).alias("first"),
@@ -274,20 +310,59 @@ def _numbered(text: DataFrame, order: list[str]) -> Lines:
         )
         .collect()
     )
-    starts: dict[tuple[str, int], tuple[str, int]] = {}
+    lines_of: dict[tuple[str, int], int] = {}  # (file, block) -> lines, every copy's
+    for row in counted:
+        key = (row[FILE], row[BLOCK])
+        lines_of[key] = lines_of.get(key, 0) + row["n"]
+    before: dict[tuple[str, int], int] = {}
     seen: dict[str, int] = {}
-    for row in sorted(splits, key=lambda r: (r[FILE], r["part"])):
-        before = seen.get(row[FILE], 0)
-        shown = path_of(row[FILE])
-        starts[(row[FILE], row["part"])] = (shown, before - row["first"] + 1)
-        seen[row[FILE]] = before + row["n"]
+    for file, block in sorted(lines_of):
+        lines_of[(file, block)] = max(
+            1, lines_of[(file, block)] // listed_twice.get(path_of(file), 1)
+        )
+        before[(file, block)] = seen.get(file, 0)
+        seen[file] = before[(file, block)] + lines_of[(file, block)]
+    twice = sorted(file for file in seen if path_of(file) in listed_twice)
+    copies = _copies(text, twice) if twice else {}
+    splits = {
+        (row[FILE], row[BLOCK], row["part"]): Split(
+            path_of(row[FILE]),
+            before[(row[FILE], row[BLOCK])],
+            lines_of[(row[FILE], row[BLOCK])],
+            copies.get((row[FILE], row[BLOCK], row["part"]), [row["first"]]),
+        )
+        for row in counted
+    }
     lines = text.where(F.col(LINE).isNotNull() & (F.trim(F.col(LINE)) != ""))
     if "" in seen:  # not (all) from files: those rows get a row key
-        lines = _row_keyed(lines, [*order, FILE, ID], only_unnamed=True)
+        lines = _row_keyed(lines, [*order, FILE, BLOCK, ID], only_unnamed=True)
     else:
         lines = lines.withColumn(SOURCE, F.lit(None).cast("string"))
-    nested = any(row["nested"] for row in splits)
-    return Lines(lines, [*order, FILE, ID], nested, Sources(starts))
+    nested = any(row["nested"] for row in counted)
+    # by file, then split by byte offset: the file's order, whatever order Spark read
+    # its splits in (a copy of a split after the other)
+    return Lines(lines, [*order, FILE, BLOCK, ID], nested, Sources(splits))
+
+
+def _copies(text: DataFrame, files: list[str]) -> dict[tuple[str, int, int], list[int]]:
+    """(file, block, partition) -> the first ID of each run of consecutive IDs of the
+    split's rows, for ``files`` only: a run is one copy of the split, or several read one
+    after the other (a run then holds whole copies, each the split's number of lines)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    part = F.shiftright(F.col(ID), PARTITION_BITS).alias("part")
+    rows = text.where(F.col(FILE).isin(files)).select(FILE, BLOCK, part, ID)
+    previous = F.lag(ID).over(Window.partitionBy(FILE, BLOCK, "part").orderBy(ID))
+    starts = (
+        rows.withColumn("previous", previous)
+        .where(F.col("previous").isNull() | (F.col(ID) - F.col("previous") != 1))
+        .collect()
+    )
+    out: dict[tuple[str, int, int], list[int]] = {}
+    for row in starts:
+        out.setdefault((row[FILE], row[BLOCK], row["part"]), []).append(row[ID])
+    return {key: sorted(ids) for key, ids in out.items()}
 
 
 def _row_keyed(text: DataFrame, order: list[str], only_unnamed: bool = False) -> DataFrame:
