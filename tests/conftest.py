@@ -44,15 +44,25 @@ def oci(tmp_path: Path, session_key: rsa.RSAPrivateKey) -> Oci:
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
-    key_file = tmp_path / "oci_api_key.pem"
+    config, _ = write_oci_config(tmp_path, pem, "oci_api_key.pem", "oci_config")
+    return Oci(session_key, pem, config)
+
+
+def write_oci_config(
+    folder: Path, pem: bytes, key_name: str, config_name: str, passphrase: str | None = None
+) -> tuple[Path, Path]:
+    """An OCI config naming a key file holding ``pem`` (mode 0600), both in ``folder``;
+    ``passphrase``: the config's pass_phrase. Returns (config, key file)."""
+    key_file = folder / key_name
     key_file.write_bytes(pem)
     key_file.chmod(0o600)
-    config = tmp_path / "oci_config"
+    config = folder / config_name
     config.write_text(
         f"[DEFAULT]\nuser={USER}\nfingerprint={FINGERPRINT}\ntenancy={TENANCY}\n"
         f"region=us-ashburn-1\nkey_file={key_file}\n"
+        + (f"pass_phrase={passphrase}\n" if passphrase is not None else "")
     )
-    return Oci(session_key, pem, config)
+    return config, key_file
 
 
 @pytest.fixture

@@ -24,15 +24,13 @@ from batchlog.settings import Settings
 from batchlog.signing import KeySource, StaticKey
 from batchlog.target import OciTarget
 from tests.conftest import (
-    FINGERPRINT,
     KEY_ID,
     PLATFORM,
-    TENANCY,
-    USER,
     WORKSPACE,
     Oci,
     mixed_records,
     write_manifest,
+    write_oci_config,
 )
 from tests.test_auth import FakeSigner, session_profile
 from tests.test_upload import StartEmulator, assert_exactly_once
@@ -64,14 +62,7 @@ def locked(tmp_path: Path, oci: Oci) -> Locked:
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(PASSPHRASE.encode()),
     )
-    key_file = tmp_path / "locked.pem"
-    key_file.write_bytes(pem)
-    key_file.chmod(0o600)
-    config = tmp_path / "locked_config"
-    config.write_text(
-        f"[DEFAULT]\nuser={USER}\nfingerprint={FINGERPRINT}\ntenancy={TENANCY}\n"
-        f"region=us-ashburn-1\nkey_file={key_file}\npass_phrase={PASSPHRASE}\n"
-    )
+    config, key_file = write_oci_config(tmp_path, pem, "locked.pem", "locked_config", PASSPHRASE)
     return Locked(config, key_file, pem)
 
 

@@ -31,10 +31,7 @@ from batchlog.spark import upload
 from batchlog.spark.bucket import BucketJob, bucket_dir
 from batchlog.validate import parse_line
 from tests.conftest import (
-    FINGERPRINT,
     PLATFORM,
-    TENANCY,
-    USER,
     WORKSPACE,
     Oci,
     expected_items,
@@ -42,6 +39,7 @@ from tests.conftest import (
     mixed_records,
     model_record,
     write_manifest,
+    write_oci_config,
 )
 from tests.test_upload import assert_exactly_once
 
@@ -365,14 +363,7 @@ def test_the_pickled_task_holds_no_key_material(
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.BestAvailableEncryption(passphrase),
     )
-    key_file = tmp_path / "encrypted.pem"
-    key_file.write_bytes(pem)
-    key_file.chmod(0o600)
-    config = tmp_path / "config"
-    config.write_text(
-        f"[DEFAULT]\nuser={USER}\nfingerprint={FINGERPRINT}\ntenancy={TENANCY}\n"
-        f"region=us-ashburn-1\nkey_file={key_file}\npass_phrase={passphrase.decode()}\n"
-    )
+    config, _ = write_oci_config(tmp_path, pem, "encrypted.pem", "config", passphrase.decode())
     emu = emulator()
     creds = load_credentials("api_key", str(config), None)
     target = batchlog.OciTarget(emu.url, PLATFORM, WORKSPACE)

@@ -36,7 +36,7 @@ from batchlog.errors import (
     SystemicError,
 )
 from batchlog.settings import RATE, Settings
-from batchlog.spark.bucket import BucketJob, TaskFigures
+from batchlog.spark.bucket import BucketJob, TaskFigures, write_atomically
 from batchlog.spark.results import SparkReport, SparkResult, dead_letter
 
 if TYPE_CHECKING:
@@ -119,16 +119,15 @@ def _checkpoint_dir(path: str, buckets: int, restart: bool) -> str:
     os.makedirs(folder, exist_ok=True)
     record = os.path.join(folder, JOB_FILE)
     if os.path.isfile(record) and not restart:
-        made = orjson.loads(open(record, "rb").read()).get("buckets")
+        with open(record, "rb") as f:
+            made = orjson.loads(f.read()).get("buckets")
         if made != buckets:
             raise ConfigurationError(
                 f"checkpoint_dir {path} was made with buckets={made}, not {buckets}: "
                 "give the same number, or a new checkpoint_dir"
             )
         return folder
-    with open(record + ".tmp", "wb") as f:
-        f.write(orjson.dumps({"buckets": buckets}))
-    os.replace(record + ".tmp", record)
+    write_atomically(record, [orjson.dumps({"buckets": buckets})])
     return folder
 
 

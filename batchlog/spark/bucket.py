@@ -57,18 +57,18 @@ class TaskFigures:
     bucket: int
     attempt: int  # Spark's attempt number of the task (0: the first)
     status: str  # "completed", or "stopped": ``error`` and ``message`` say why
-    records: int
-    succeeded: int
-    failed: int
-    rejected: int
-    already_done: int
-    requests: int
-    retries: int
-    throttled: int  # attempts answered 429
-    read_backs: int
-    elapsed_s: float
-    lease_wait_s: float  # seconds spent waiting for another attempt's lease
     rate_limit: float | None  # this task's share of the rate (requests/s), None: none
+    records: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rejected: int = 0
+    already_done: int = 0
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0  # attempts answered 429
+    read_backs: int = 0
+    elapsed_s: float = 0.0
+    lease_wait_s: float = 0.0  # seconds spent waiting for another attempt's lease
     failed_total: int = 0  # the bucket's failed records, earlier runs included
     rejected_total: int = 0
     error: str = ""  # a stopped task's batchlog error class: "SystemicError", ...
@@ -117,9 +117,7 @@ class BucketJob:
         from batchlog.job import upload
 
         if count == 0:  # nothing in this bucket (and nothing before: spill checked)
-            return TaskFigures(
-                bucket, attempt, "completed", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, waited, self.rate
-            )
+            return TaskFigures(bucket, attempt, "completed", self.rate, lease_wait_s=waited)
         settings = dataclasses.replace(
             self.settings,
             checkpoint=os.path.join(folder, CHECKPOINT),
@@ -162,8 +160,7 @@ class BucketJob:
 def _stopped(bucket: int, attempt: int, rate: float | None, exc: BatchlogError) -> TaskFigures:
     """A task's figures for a stop no retry changes: nothing done, why in one line."""
     message = f"bucket {bucket}: {' '.join(str(exc).split())}"
-    figures = TaskFigures(bucket, attempt, "stopped", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, rate)
-    return dataclasses.replace(figures, error=type(exc).__name__, message=message)
+    return TaskFigures(bucket, attempt, "stopped", rate, error=type(exc).__name__, message=message)
 
 
 @contextlib.contextmanager
@@ -322,7 +319,7 @@ def _restart_once(folder: str, call_id: str) -> None:
     for name in (RECORDS, SOURCES):
         if os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
-    _write_atomically(marker, [call_id.encode() + b"\n"])
+    write_atomically(marker, [call_id.encode() + b"\n"])
 
 
 def spill(folder: str, lines: Iterable[tuple[str, str]]) -> int:
@@ -393,7 +390,7 @@ def _one_line(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass") + b"\n"
 
 
-def _write_atomically(path: str, chunks: Iterable[bytes]) -> None:
+def write_atomically(path: str, chunks: Iterable[bytes]) -> None:
     with open(path + ".tmp", "wb") as f:
         for chunk in chunks:
             f.write(chunk)
